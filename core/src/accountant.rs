@@ -1,0 +1,1 @@
+//! Privacy accounting (being written).

@@ -1,0 +1,10 @@
+//! What Athanor's node and coordinator share.
+//!
+//! This crate is synchronous and free of networking: models and their flat parameter layout,
+//! DP-SGD, privacy accounting, and the configuration types both sides agree on.
+
+#![warn(missing_docs)]
+
+pub mod accountant;
+pub mod dpsgd;
+pub mod model;

@@ -1,0 +1,1 @@
+//! End-to-end tests live in the `tests/` folder of this crate; the library itself is empty.
