@@ -8,3 +8,6 @@
 pub mod accountant;
 pub mod dpsgd;
 pub mod model;
+pub mod noise;
+pub mod params;
+pub mod plan;

@@ -1,1 +1,0 @@
-//! Privacy accounting (being written).
