@@ -1,1 +1,79 @@
-//! placeholder
+//! The Athanor node: runs next to an organization's data, trains locally with DP-SGD and
+//! sends only clipped, noised updates to the coordinator.
+//!
+//! - [`config`]: the node's TOML configuration and privacy floor;
+//! - [`data`]: loading and validating local CSV data against a schema of public bounds;
+//! - [`client`]: the wire protocol, seen from the node;
+//! - [`worker`]: the main loop (join, poll, train, submit).
+
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod config;
+pub mod data;
+pub mod worker;
+
+use std::path::PathBuf;
+
+pub use config::NodeConfig;
+pub use worker::{Node, Randomness, RunSummary};
+
+/// Errors of the node library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A file could not be read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The configuration file is invalid.
+    #[error("invalid configuration {}: {message}", path.display())]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the section and key.
+        message: String,
+    },
+    /// The local data or its schema is invalid.
+    #[error(transparent)]
+    Data(#[from] data::DataError),
+    /// A call to the coordinator failed.
+    #[error("{call} to coordinator at {address} failed: {}", describe(status))]
+    Rpc {
+        /// The coordinator's address.
+        address: String,
+        /// The RPC.
+        call: &'static str,
+        /// What the transport or the coordinator said.
+        status: Box<tonic::Status>,
+    },
+    /// The coordinator sent something this node cannot use.
+    #[error("coordinator sent an unusable message: {0}")]
+    Protocol(String),
+    /// Local training failed.
+    #[error("training: {0}")]
+    Training(#[from] athanor_core::model::ModelError),
+    /// Privacy accounting failed.
+    #[error("privacy accounting: {0}")]
+    Accountant(#[from] athanor_core::accountant::AccountantError),
+}
+
+/// A status in words a node operator can act on.
+fn describe(status: &tonic::Status) -> String {
+    use std::error::Error as _;
+    let mut text = match status.code() {
+        tonic::Code::Unavailable => format!("coordinator unreachable ({})", status.message()),
+        code => format!("{code:?}: {}", status.message()),
+    };
+    let mut source = status.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

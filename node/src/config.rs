@@ -1,0 +1,261 @@
+//! The node's configuration file.
+//!
+//! Written by the organization running the node. Besides where the coordinator and the data
+//! are, it holds the privacy floor: the weakest DP-SGD parameters this node will accept,
+//! whatever a coordinator asks. Unknown keys are errors; relative paths are resolved
+//! against the file's directory.
+//!
+//! ```toml
+//! [node]
+//! id = "clinic-a"
+//!
+//! [coordinator]
+//! address = "http://127.0.0.1:50051"
+//!
+//! [data]
+//! path = "adult_train.csv.gz"
+//! schema = "adult.schema.toml"
+//!
+//! [privacy]
+//! delta = 1e-5
+//! min_noise_multiplier = 0.8
+//! max_clip_norm = 5.0
+//! max_sampling_rate = 0.1
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use athanor_core::plan::RoundPlan;
+use serde::Deserialize;
+
+use crate::Error;
+
+/// A validated node configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Who this node is.
+    pub node: NodeSection,
+    /// Where the coordinator is.
+    pub coordinator: CoordinatorSection,
+    /// The local data.
+    pub data: DataSection,
+    /// The privacy floor.
+    #[serde(default)]
+    pub privacy: PrivacySection,
+}
+
+/// `[node]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// The node's name in the federation: 1 to 128 characters of `[A-Za-z0-9._-]`.
+    pub id: String,
+}
+
+/// `[coordinator]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorSection {
+    /// URL of the coordinator, e.g. `http://127.0.0.1:50051`.
+    pub address: String,
+    /// Longest pause between reconnection attempts, in seconds.
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff_secs: u64,
+}
+
+fn default_max_backoff() -> u64 {
+    30
+}
+
+/// `[data]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// CSV or gzip CSV file.
+    pub path: PathBuf,
+    /// Schema TOML with the label column, classes and public feature bounds.
+    pub schema: PathBuf,
+    /// Fraction of rows kept aside for local evaluation.
+    #[serde(default = "default_test_fraction")]
+    pub test_fraction: f64,
+    /// Seed of the local train/test split.
+    #[serde(default)]
+    pub split_seed: u64,
+}
+
+fn default_test_fraction() -> f64 {
+    0.2
+}
+
+/// `[privacy]`: the floor below which this node refuses to train.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacySection {
+    /// The delta at which the node reports its epsilon.
+    #[serde(default = "default_delta")]
+    pub delta: f64,
+    /// Smallest noise multiplier accepted.
+    #[serde(default = "default_min_noise")]
+    pub min_noise_multiplier: f64,
+    /// Largest clipping bound accepted.
+    #[serde(default = "default_max_clip")]
+    pub max_clip_norm: f64,
+    /// Largest sampling rate accepted.
+    #[serde(default = "default_max_q")]
+    pub max_sampling_rate: f64,
+    /// Accept tasks that ask for training without DP. Off unless written down.
+    #[serde(default)]
+    pub insecure_allow_no_dp: bool,
+}
+
+fn default_delta() -> f64 {
+    1e-5
+}
+fn default_min_noise() -> f64 {
+    0.5
+}
+fn default_max_clip() -> f64 {
+    10.0
+}
+fn default_max_q() -> f64 {
+    0.25
+}
+
+impl Default for PrivacySection {
+    fn default() -> Self {
+        PrivacySection {
+            delta: default_delta(),
+            min_noise_multiplier: default_min_noise(),
+            max_clip_norm: default_max_clip(),
+            max_sampling_rate: default_max_q(),
+            insecure_allow_no_dp: false,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Reads and validates a config file, resolving relative paths against its directory.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the file and the key.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Self::parse(&text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for file in [&mut config.data.path, &mut config.data.schema] {
+            if file.is_relative() {
+                *file = base.join(&*file);
+            }
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates config text; `origin` names it in errors.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming `origin` and the key.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, Error> {
+        let config: NodeConfig = toml::from_str(text).map_err(|e| Error::Config {
+            path: origin.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.validate().map_err(|message| Error::Config {
+            path: origin.to_path_buf(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let id = &self.node.id;
+        let id_ok = !id.is_empty()
+            && id.len() <= 128
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !id_ok {
+            return Err(format!(
+                "[node] id {id:?} must be 1 to 128 characters of [A-Za-z0-9._-]"
+            ));
+        }
+        let address = &self.coordinator.address;
+        if !(address.starts_with("http://") || address.starts_with("https://")) {
+            return Err(format!(
+                "[coordinator] address {address:?} must start with http:// or https://"
+            ));
+        }
+        let t = self.data.test_fraction;
+        if !(0.0..1.0).contains(&t) {
+            return Err(format!("[data] test_fraction must be in [0, 1), got {t}"));
+        }
+        let p = &self.privacy;
+        if !(p.delta > 0.0 && p.delta < 1.0) {
+            return Err(format!(
+                "[privacy] delta must be in (0, 1), got {}",
+                p.delta
+            ));
+        }
+        if !(p.min_noise_multiplier.is_finite() && p.min_noise_multiplier > 0.0) {
+            return Err(format!(
+                "[privacy] min_noise_multiplier must be positive, got {}",
+                p.min_noise_multiplier
+            ));
+        }
+        if !(p.max_clip_norm.is_finite() && p.max_clip_norm > 0.0) {
+            return Err(format!(
+                "[privacy] max_clip_norm must be positive, got {}",
+                p.max_clip_norm
+            ));
+        }
+        if !(p.max_sampling_rate > 0.0 && p.max_sampling_rate <= 1.0) {
+            return Err(format!(
+                "[privacy] max_sampling_rate must be in (0, 1], got {}",
+                p.max_sampling_rate
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl PrivacySection {
+    /// Checks a coordinator's plan against this floor for a node holding `rows` examples.
+    ///
+    /// # Errors
+    /// A reason, sent to the coordinator when the node declines.
+    pub fn admit(&self, plan: &RoundPlan, rows: usize) -> Result<(), String> {
+        let Some(dp) = &plan.dp else {
+            if self.insecure_allow_no_dp {
+                return Ok(());
+            }
+            return Err(
+                "the round asks for training without DP, which this node does not \
+                        allow (set [privacy] insecure_allow_no_dp = true to permit it)"
+                    .into(),
+            );
+        };
+        if dp.noise_multiplier < self.min_noise_multiplier {
+            return Err(format!(
+                "noise multiplier {} is below this node's floor {}",
+                dp.noise_multiplier, self.min_noise_multiplier
+            ));
+        }
+        if dp.clip_norm > self.max_clip_norm {
+            return Err(format!(
+                "clip norm {} is above this node's limit {}",
+                dp.clip_norm, self.max_clip_norm
+            ));
+        }
+        let q = plan.sampling_rate(rows);
+        if q > self.max_sampling_rate {
+            return Err(format!(
+                "sampling rate {q:.4} (batch {} of {rows} rows) is above this node's limit {}",
+                plan.expected_batch_size, self.max_sampling_rate
+            ));
+        }
+        Ok(())
+    }
+}
