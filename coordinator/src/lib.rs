@@ -1,1 +1,75 @@
-//! placeholder
+//! The Athanor coordinator: runs rounds of federated training, aggregates the nodes' updates,
+//! publishes immutable model versions and answers operators.
+//!
+//! - [`config`]: the TOML configuration, validated when loaded;
+//! - [`round`]: the round state machine shared by the gRPC services and the round driver;
+//! - [`strategy`]: aggregation (FedAvg);
+//! - [`store`]: the on-disk model store;
+//! - [`service`]: the node-facing and admin gRPC services over [`round::Coordinator`];
+//! - [`server`]: wiring it all to a listener, for the binary and the simulator.
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod round;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod strategy;
+
+use std::path::PathBuf;
+
+pub use config::CoordinatorConfig;
+pub use round::Coordinator;
+
+/// Errors of the coordinator library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The configuration file is invalid.
+    #[error("invalid configuration {}: {message}", path.display())]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the section and key.
+        message: String,
+    },
+    /// The model store failed.
+    #[error("model store: {0}")]
+    Store(#[from] store::StoreError),
+    /// A caller named a session the coordinator does not know (never joined, or replaced by a
+    /// newer join of the same node).
+    #[error("unknown session; join again")]
+    UnknownSession,
+    /// A node speaks another protocol version.
+    #[error("protocol version {got} is not supported; this coordinator speaks {expected}")]
+    ProtocolVersion {
+        /// The coordinator's version.
+        expected: u32,
+        /// The node's version.
+        got: u32,
+    },
+    /// A request is malformed (bad field, wrong length, non-finite value).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// A request does not fit the round now open (another round, not in the cohort, twice).
+    #[error("{0}")]
+    WrongRound(String),
+    /// The requested version does not exist.
+    #[error("version {0} not found")]
+    VersionNotFound(u64),
+    /// The listener could not be set up or failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The coordinator is shutting down.
+    #[error("coordinator is shutting down")]
+    ShuttingDown,
+}

@@ -1,0 +1,491 @@
+//! The coordinator's configuration file.
+//!
+//! A TOML file with the sections below; unknown keys are errors, so a typo never silently
+//! falls back to a default. Everything is validated when the file is loaded, before any
+//! socket is opened or anything is written.
+//!
+//! ```toml
+//! [federation]
+//! name = "adult-demo"
+//!
+//! [server]
+//! listen = "127.0.0.1:50051"
+//!
+//! [store]
+//! dir = "store"
+//!
+//! [model]
+//! architecture = "logistic_regression"   # or "mlp" with `hidden = 64`
+//! features = 87
+//! classes = 2
+//! init_seed = 7
+//!
+//! [rounds]
+//! total = 10
+//! min_nodes = 3
+//!
+//! [training]
+//! learning_rate = 0.5
+//! local_epochs = 1.0
+//! expected_batch_size = 64
+//!
+//! [privacy]
+//! dp = "on"            # "off" must be written out; it is reported everywhere
+//! clip_norm = 1.0
+//! noise_multiplier = 1.0
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use athanor_core::model::{Architecture, ModelSpec};
+use athanor_core::plan::{DpSgdRequest, RoundPlan};
+use serde::Deserialize;
+
+use crate::Error;
+
+/// A validated coordinator configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// Who this federation is.
+    pub federation: FederationSection,
+    /// Where to listen.
+    #[serde(default)]
+    pub server: ServerSection,
+    /// Where published versions live.
+    pub store: StoreSection,
+    /// The model being trained.
+    pub model: ModelSection,
+    /// How rounds are run.
+    #[serde(default)]
+    pub rounds: RoundsSection,
+    /// Local training asked of the nodes.
+    pub training: TrainingSection,
+    /// How the server applies the aggregated update.
+    #[serde(default)]
+    pub strategy: StrategySection,
+    /// Example-level privacy asked of the nodes.
+    pub privacy: PrivacySection,
+}
+
+/// `[federation]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationSection {
+    /// Name shown to nodes and operators.
+    pub name: String,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Address and port of the gRPC listener (node and admin services).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Largest model, in parameters, the coordinator will store or accept updates for.
+    #[serde(default = "default_max_params")]
+    pub max_model_params: usize,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 50051))
+}
+
+fn default_max_params() -> usize {
+    64 << 20
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: default_listen(),
+            max_model_params: default_max_params(),
+        }
+    }
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// Directory of the model store, relative to the config file's directory.
+    pub dir: PathBuf,
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// `logistic_regression` or `mlp`.
+    pub architecture: ArchitectureName,
+    /// Hidden width, for `mlp` only.
+    pub hidden: Option<usize>,
+    /// Number of input features (must equal the nodes' schemas).
+    pub features: usize,
+    /// Number of classes.
+    pub classes: usize,
+    /// Seed of the initial parameters, recorded in version 0's manifest.
+    #[serde(default)]
+    pub init_seed: u64,
+}
+
+/// Architecture names accepted in `[model] architecture`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArchitectureName {
+    /// Multinomial logistic regression.
+    LogisticRegression,
+    /// One-hidden-layer ReLU network.
+    Mlp,
+}
+
+/// `[rounds]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundsSection {
+    /// Rounds to run before the federation finishes (counting only published ones).
+    #[serde(default = "default_total")]
+    pub total: u64,
+    /// Connected nodes needed before a round starts.
+    #[serde(default = "default_min_nodes")]
+    pub min_nodes: usize,
+    /// Nodes sampled into each round's cohort; 0 takes every connected node.
+    #[serde(default)]
+    pub cohort_size: usize,
+    /// Updates needed to publish; fewer abandons the round. Defaults to `min_nodes`.
+    pub min_updates: Option<usize>,
+    /// Seconds the coordinator waits for a cohort's updates.
+    #[serde(default = "default_deadline")]
+    pub deadline_secs: u64,
+    /// Rounds abandoned in a row before the coordinator gives up.
+    #[serde(default = "default_max_abandoned")]
+    pub max_consecutive_abandoned: u64,
+    /// Seed for cohort sampling; absent draws from the operating system.
+    pub cohort_seed: Option<u64>,
+}
+
+fn default_total() -> u64 {
+    10
+}
+fn default_min_nodes() -> usize {
+    2
+}
+fn default_deadline() -> u64 {
+    600
+}
+fn default_max_abandoned() -> u64 {
+    20
+}
+
+impl Default for RoundsSection {
+    fn default() -> Self {
+        RoundsSection {
+            total: default_total(),
+            min_nodes: default_min_nodes(),
+            cohort_size: 0,
+            min_updates: None,
+            deadline_secs: default_deadline(),
+            max_consecutive_abandoned: default_max_abandoned(),
+            cohort_seed: None,
+        }
+    }
+}
+
+/// `[training]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSection {
+    /// SGD learning rate at the nodes.
+    pub learning_rate: f32,
+    /// Local epochs per round.
+    pub local_epochs: f64,
+    /// Expected DP-SGD batch size at each node.
+    pub expected_batch_size: u32,
+}
+
+/// `[strategy]`: FedAvg, or FedAvgM with server momentum.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StrategySection {
+    /// Server learning rate applied to the mean update (1 is plain FedAvg).
+    #[serde(default = "default_server_lr")]
+    pub server_learning_rate: f64,
+    /// Server momentum in [0, 1) (0 is plain FedAvg).
+    #[serde(default)]
+    pub server_momentum: f64,
+}
+
+fn default_server_lr() -> f64 {
+    1.0
+}
+
+impl Default for StrategySection {
+    fn default() -> Self {
+        StrategySection {
+            server_learning_rate: default_server_lr(),
+            server_momentum: 0.0,
+        }
+    }
+}
+
+impl StrategySection {
+    /// `fedavg` or `fedavgm`, as recorded in manifests.
+    pub fn name(&self) -> &'static str {
+        if self.server_momentum == 0.0 {
+            "fedavg"
+        } else {
+            "fedavgm"
+        }
+    }
+}
+
+/// `[privacy]`: what the coordinator asks of every node. Nodes check it against their own
+/// floors and budgets and may decline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacySection {
+    /// `on` or `off`; there is no default, so turning DP off is always written down.
+    pub dp: DpSwitch,
+    /// Per-example clipping bound C (required when `dp = "on"`).
+    pub clip_norm: Option<f64>,
+    /// Noise multiplier sigma (required when `dp = "on"`).
+    pub noise_multiplier: Option<f64>,
+}
+
+/// Whether DP-SGD is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DpSwitch {
+    /// DP-SGD with the given clipping and noise.
+    On,
+    /// Plain SGD: no example-level privacy.
+    Off,
+}
+
+impl CoordinatorConfig {
+    /// Reads and validates a config file; relative paths in it are resolved against the
+    /// file's directory.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the file and the problem.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Self::parse(&text, path)?;
+        if config.store.dir.is_relative() {
+            let base = path.parent().unwrap_or(Path::new("."));
+            config.store.dir = base.join(&config.store.dir);
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates config text; `origin` names it in errors.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming `origin` and the problem.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, Error> {
+        let config: CoordinatorConfig = toml::from_str(text).map_err(|e| Error::Config {
+            path: origin.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.check().map_err(|message| Error::Config {
+            path: origin.to_path_buf(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Validates a configuration built in code (files are checked when parsed).
+    ///
+    /// # Errors
+    /// A message naming the section and key at fault.
+    pub fn check(&self) -> Result<(), String> {
+        if self.federation.name.trim().is_empty() {
+            return Err("[federation] name must not be empty".into());
+        }
+        let spec = self.model_spec()?;
+        if spec.num_params() > self.server.max_model_params {
+            return Err(format!(
+                "[model] has {} parameters, more than [server] max_model_params = {}",
+                spec.num_params(),
+                self.server.max_model_params
+            ));
+        }
+        let rounds = &self.rounds;
+        if rounds.total == 0 {
+            return Err("[rounds] total must be at least 1".into());
+        }
+        if rounds.min_nodes == 0 {
+            return Err("[rounds] min_nodes must be at least 1".into());
+        }
+        if rounds.cohort_size != 0 && rounds.cohort_size < self.min_updates() {
+            return Err(format!(
+                "[rounds] cohort_size = {} is below min_updates = {}: no round could publish",
+                rounds.cohort_size,
+                self.min_updates()
+            ));
+        }
+        if self.min_updates() == 0 {
+            return Err("[rounds] min_updates must be at least 1".into());
+        }
+        let strategy = &self.strategy;
+        if !(strategy.server_learning_rate.is_finite() && strategy.server_learning_rate > 0.0) {
+            return Err(format!(
+                "[strategy] server_learning_rate must be positive, got {}",
+                strategy.server_learning_rate
+            ));
+        }
+        if !(0.0..1.0).contains(&strategy.server_momentum) {
+            return Err(format!(
+                "[strategy] server_momentum must be in [0, 1), got {}",
+                strategy.server_momentum
+            ));
+        }
+        if rounds.deadline_secs == 0 {
+            return Err("[rounds] deadline_secs must be at least 1".into());
+        }
+        self.round_plan()?
+            .validate()
+            .map_err(|e| format!("[training]/[privacy]: {e}"))?;
+        Ok(())
+    }
+
+    /// Updates needed to publish a round.
+    pub fn min_updates(&self) -> usize {
+        self.rounds.min_updates.unwrap_or(self.rounds.min_nodes)
+    }
+
+    /// How long a round waits for its cohort.
+    pub fn round_deadline(&self) -> Duration {
+        Duration::from_secs(self.rounds.deadline_secs)
+    }
+
+    /// The model spec described by `[model]`.
+    ///
+    /// # Errors
+    /// A message naming the bad key.
+    pub fn model_spec(&self) -> Result<ModelSpec, String> {
+        let m = &self.model;
+        if m.features == 0 {
+            return Err("[model] features must be at least 1".into());
+        }
+        if m.classes < 2 {
+            return Err(format!(
+                "[model] classes must be at least 2, got {}",
+                m.classes
+            ));
+        }
+        let architecture = match (m.architecture, m.hidden) {
+            (ArchitectureName::LogisticRegression, None) => Architecture::LogisticRegression,
+            (ArchitectureName::LogisticRegression, Some(_)) => {
+                return Err("[model] hidden applies only to architecture = \"mlp\"".into());
+            }
+            (ArchitectureName::Mlp, Some(hidden)) if hidden > 0 => Architecture::Mlp { hidden },
+            (ArchitectureName::Mlp, _) => {
+                return Err("[model] architecture = \"mlp\" needs hidden >= 1".into());
+            }
+        };
+        Ok(ModelSpec {
+            architecture,
+            features: m.features,
+            classes: m.classes,
+        })
+    }
+
+    /// The plan sent with every task.
+    ///
+    /// # Errors
+    /// A message naming the missing `[privacy]` key.
+    pub fn round_plan(&self) -> Result<RoundPlan, String> {
+        let p = &self.privacy;
+        let dp = match (p.dp, p.clip_norm, p.noise_multiplier) {
+            (DpSwitch::On, Some(clip_norm), Some(noise_multiplier)) => Some(DpSgdRequest {
+                clip_norm,
+                noise_multiplier,
+            }),
+            (DpSwitch::On, _, _) => {
+                return Err("[privacy] dp = \"on\" needs clip_norm and noise_multiplier".into());
+            }
+            (DpSwitch::Off, None, None) => None,
+            (DpSwitch::Off, _, _) => {
+                return Err(
+                    "[privacy] dp = \"off\" contradicts clip_norm/noise_multiplier being set"
+                        .into(),
+                );
+            }
+        };
+        Ok(RoundPlan {
+            learning_rate: self.training.learning_rate,
+            local_epochs: self.training.local_epochs,
+            expected_batch_size: self.training.expected_batch_size,
+            dp,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [federation]
+        name = "t"
+        [store]
+        dir = "s"
+        [model]
+        architecture = "mlp"
+        hidden = 8
+        features = 4
+        classes = 3
+        [training]
+        learning_rate = 0.1
+        local_epochs = 1.0
+        expected_batch_size = 16
+        [privacy]
+        dp = "on"
+        clip_norm = 1.0
+        noise_multiplier = 1.0
+    "#;
+
+    fn parse(text: &str) -> Result<CoordinatorConfig, Error> {
+        CoordinatorConfig::parse(text, Path::new("coordinator.toml"))
+    }
+
+    #[test]
+    fn accepts_a_complete_config() {
+        let config = parse(GOOD).unwrap();
+        assert_eq!(
+            config.model_spec().unwrap().num_params(),
+            4 * 8 + 8 + 8 * 3 + 3
+        );
+        assert_eq!(config.min_updates(), 2);
+    }
+
+    #[test]
+    fn dp_on_without_noise_names_the_missing_key() {
+        let text = GOOD.replace("noise_multiplier = 1.0", "");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("coordinator.toml") && err.contains("noise_multiplier"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_typo_in_a_key_is_an_error_not_a_default() {
+        let text = GOOD.replace("local_epochs", "local_epoch");
+        assert!(parse(&text).is_err());
+    }
+
+    #[test]
+    fn negative_noise_is_rejected_at_load() {
+        let text = GOOD.replace("noise_multiplier = 1.0", "noise_multiplier = -1.0");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("noise_multiplier"), "{err}");
+    }
+}

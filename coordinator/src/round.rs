@@ -1,0 +1,904 @@
+//! The round state machine.
+//!
+//! [`Coordinator`] holds the federation's state: joined nodes, the round in progress and the
+//! current global model. The gRPC services call into it for each request; one driver task
+//! ([`Coordinator::drive`]) moves rounds forward:
+//!
+//! 1. wait until `min_nodes` nodes are connected (seen within the session timeout);
+//! 2. sample a cohort of `cohort_size` of them and open the round: each member's next long
+//!    poll returns its task;
+//! 3. wait until every member has submitted or declined, or the deadline passes;
+//! 4. with at least `min_updates` updates of non-zero total weight, aggregate (FedAvg) and
+//!    publish a new version; otherwise abandon the round, publishing nothing.
+//!
+//! State lives behind one `std::sync::Mutex` that is never held across an `.await`; waiters
+//! learn about changes through a `watch` channel whose counter is bumped on every change, so
+//! no wake-up is lost between checking the state and starting to wait.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use athanor_core::model::ModelSpec;
+use athanor_core::plan::RoundPlan;
+use rand::{Rng, SeedableRng, TryRng};
+use rand_chacha::ChaCha20Rng;
+use tokio::sync::{broadcast, watch};
+use tokio::time::Instant;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::Error;
+use crate::config::CoordinatorConfig;
+use crate::store::{
+    DatasetFingerprint, Epsilon, ExamplePrivacy, Manifest, ManifestDraft, ModelStore, VersionStatus,
+};
+use crate::strategy::{self, Contribution, ServerOptimizer};
+
+/// How long a long poll waits before answering "idle".
+const POLL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A node not heard from for this long no longer counts as connected.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A node's identity within the federation.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub String);
+
+impl std::fmt::Display for NodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a node learns when it joins.
+#[derive(Debug, Clone)]
+pub struct Joined {
+    /// Token for later calls.
+    pub session: String,
+    /// The model being trained.
+    pub spec: ModelSpec,
+    /// Latest published version.
+    pub latest_version: u64,
+}
+
+/// A round's work for one node.
+#[derive(Debug, Clone)]
+pub struct Task {
+    /// The round.
+    pub round: u64,
+    /// The version to start from.
+    pub model_version: u64,
+    /// Local training asked for.
+    pub plan: RoundPlan,
+    /// Time left until the round's deadline.
+    pub time_left: Duration,
+}
+
+/// The answer to a long poll.
+#[derive(Debug, Clone)]
+pub enum Poll {
+    /// Work to do.
+    Task(Task),
+    /// Nothing yet; poll again.
+    Idle(String),
+    /// No more rounds will run.
+    Finished(String),
+}
+
+/// The header of an update, checked before its payload is read.
+#[derive(Debug, Clone)]
+pub struct UpdateHeader {
+    /// Round the update is for.
+    pub round: u64,
+    /// Version the node trained from.
+    pub model_version: u64,
+    /// Aggregation weight.
+    pub num_examples: u64,
+    /// Length of the update.
+    pub num_params: usize,
+    /// Mean local training loss.
+    pub train_loss: f64,
+    /// The node's cumulative example-level privacy.
+    pub privacy: Epsilon,
+    /// The delta that `privacy` holds at (absent without DP).
+    pub delta: Option<f64>,
+}
+
+/// The latest published model, kept in memory so nodes fetching it every round do not hit the
+/// disk.
+#[derive(Debug)]
+pub struct GlobalModel {
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// Its parameters.
+    pub params: Vec<f32>,
+}
+
+/// Where the federation stands, for operators.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// Federation name.
+    pub federation: String,
+    /// Round in progress.
+    pub round: Option<u64>,
+    /// What the coordinator is doing.
+    pub stage: &'static str,
+    /// Nodes seen within the session timeout.
+    pub connected_nodes: usize,
+    /// Latest version.
+    pub latest_version: u64,
+    /// Rounds that published a version.
+    pub rounds_completed: u64,
+    /// Rounds abandoned.
+    pub rounds_abandoned: u64,
+}
+
+/// The coordinator's shared state; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Coordinator {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    federation: String,
+    spec: ModelSpec,
+    plan: RoundPlan,
+    config: CoordinatorConfig,
+    state: Mutex<State>,
+    store: Arc<ModelStore>,
+    changed: watch::Sender<u64>,
+    published: broadcast::Sender<Manifest>,
+}
+
+#[derive(Debug)]
+struct State {
+    nodes: HashMap<NodeId, NodeEntry>,
+    sessions: HashMap<String, NodeId>,
+    round: Option<OpenRound>,
+    global: Arc<GlobalModel>,
+    next_round: u64,
+    rounds_completed: u64,
+    rounds_abandoned: u64,
+    finished: Option<String>,
+    optimizer: ServerOptimizer,
+}
+
+#[derive(Debug)]
+struct NodeEntry {
+    session: String,
+    fingerprint: Option<DatasetFingerprint>,
+    last_seen: Instant,
+}
+
+#[derive(Debug)]
+struct OpenRound {
+    id: u64,
+    model_version: u64,
+    deadline: Instant,
+    members: BTreeMap<NodeId, Outcome>,
+}
+
+#[derive(Debug)]
+enum Outcome {
+    Pending,
+    Submitted(Submission),
+    Declined(String),
+}
+
+#[derive(Debug)]
+struct Submission {
+    header: UpdateHeader,
+    delta: Vec<f32>,
+}
+
+impl Coordinator {
+    /// Opens the model store (publishing the seeded initial model as version 0 if the store is
+    /// empty) and sets up an idle federation that resumes after the latest version.
+    ///
+    /// # Errors
+    /// Store errors, or a store whose model differs from the configured one.
+    pub fn open(config: CoordinatorConfig) -> Result<Self, Error> {
+        let spec = config.model_spec().map_err(|message| Error::Config {
+            path: config.store.dir.clone(),
+            message,
+        })?;
+        let plan = config.round_plan().map_err(|message| Error::Config {
+            path: config.store.dir.clone(),
+            message,
+        })?;
+
+        let store = ModelStore::open(&config.store.dir)?;
+        if store.latest().is_none() {
+            let params = spec.init(config.model.init_seed);
+            let draft = ManifestDraft::initial(
+                spec,
+                Some(config.model.init_seed),
+                env!("CARGO_PKG_VERSION"),
+            );
+            let manifest = store.publish(draft, &params)?;
+            info!(version = manifest.version, "published initial model");
+        }
+        let latest = store
+            .latest()
+            .ok_or_else(|| Error::InvalidRequest("store has no version after init".into()))?;
+        if latest.model != spec {
+            return Err(Error::Config {
+                path: config.store.dir.clone(),
+                message: format!(
+                    "the store holds a {:?} model but [model] describes {:?}; use a new store \
+                     directory for a different model",
+                    latest.model, spec
+                ),
+            });
+        }
+        let (manifest, params) = store.load(latest.version)?;
+        let rounds_completed = store
+            .list()
+            .iter()
+            .filter(|entry| matches!(&entry.status, VersionStatus::Valid(m) if m.round > 0))
+            .count() as u64;
+        info!(
+            version = manifest.version,
+            round = manifest.round,
+            "resuming from latest version"
+        );
+
+        let state = State {
+            nodes: HashMap::new(),
+            sessions: HashMap::new(),
+            round: None,
+            next_round: manifest.round + 1,
+            global: Arc::new(GlobalModel { manifest, params }),
+            rounds_completed,
+            rounds_abandoned: 0,
+            finished: None,
+            // TODO: the server momentum is not persisted, so a restarted coordinator resumes
+            // FedAvgM with zero velocity; storing it next to the weights would fix that.
+            optimizer: ServerOptimizer::new(
+                config.strategy.server_learning_rate,
+                config.strategy.server_momentum,
+            ),
+        };
+        let (changed, _) = watch::channel(0);
+        let (published, _) = broadcast::channel(64);
+        Ok(Coordinator {
+            shared: Arc::new(Shared {
+                federation: config.federation.name.clone(),
+                spec,
+                plan,
+                config,
+                state: Mutex::new(state),
+                store: Arc::new(store),
+                changed,
+                published,
+            }),
+        })
+    }
+
+    /// The model being trained.
+    pub fn spec(&self) -> ModelSpec {
+        self.shared.spec
+    }
+
+    /// The federation's name.
+    pub fn federation(&self) -> &str {
+        &self.shared.federation
+    }
+
+    /// The configuration this coordinator runs with.
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.shared.config
+    }
+
+    /// The model store. Its reads touch the disk: call them from `spawn_blocking`.
+    pub fn store(&self) -> Arc<ModelStore> {
+        Arc::clone(&self.shared.store)
+    }
+
+    /// The latest published model.
+    pub fn global(&self) -> Arc<GlobalModel> {
+        Arc::clone(&self.lock().global)
+    }
+
+    /// Subscribes to versions as they are published.
+    pub fn subscribe(&self) -> broadcast::Receiver<Manifest> {
+        self.shared.published.subscribe()
+    }
+
+    /// Registers a node; a node joining again replaces its earlier session (and keeps its
+    /// place in an open round's cohort).
+    pub fn join(&self, node: NodeId, fingerprint: Option<DatasetFingerprint>) -> Joined {
+        let session = new_session_token();
+        let mut state = self.lock();
+        if let Some(old) = state.nodes.get(&node) {
+            let old_session = old.session.clone();
+            state.sessions.remove(&old_session);
+            debug!(%node, "node joined again; earlier session replaced");
+        }
+        state.sessions.insert(session.clone(), node.clone());
+        state.nodes.insert(
+            node.clone(),
+            NodeEntry {
+                session: session.clone(),
+                fingerprint,
+                last_seen: Instant::now(),
+            },
+        );
+        let latest_version = state.global.manifest.version;
+        drop(state);
+
+        info!(%node, "node joined");
+        self.notify();
+        Joined {
+            session,
+            spec: self.shared.spec,
+            latest_version,
+        }
+    }
+
+    /// Long poll for work: returns a task as soon as the node is in an open round's cohort
+    /// and has not answered yet, or `Idle` after a bounded wait.
+    ///
+    /// # Errors
+    /// [`Error::UnknownSession`].
+    pub async fn wait_for_task(&self, session: &str) -> Result<Poll, Error> {
+        let mut changes = self.shared.changed.subscribe();
+        let give_up = Instant::now() + POLL_TIMEOUT;
+        loop {
+            changes.borrow_and_update();
+            if let Some(answer) = self.poll_once(session)? {
+                return Ok(answer);
+            }
+            match tokio::time::timeout_at(give_up, changes.changed()).await {
+                Err(_) => return Ok(Poll::Idle("waiting for the next round".into())),
+                Ok(Err(_)) => return Err(Error::ShuttingDown),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+
+    fn poll_once(&self, session: &str) -> Result<Option<Poll>, Error> {
+        let mut state = self.lock();
+        let node = state.touch(session)?;
+        if let Some(reason) = &state.finished {
+            return Ok(Some(Poll::Finished(reason.clone())));
+        }
+        let Some(round) = &state.round else {
+            return Ok(None);
+        };
+        if !matches!(round.members.get(&node), Some(Outcome::Pending)) {
+            return Ok(None);
+        }
+        Ok(Some(Poll::Task(Task {
+            round: round.id,
+            model_version: round.model_version,
+            plan: self.shared.plan,
+            time_left: round.deadline.saturating_duration_since(Instant::now()),
+        })))
+    }
+
+    /// Checks that an update with this header would be accepted now, before its payload is
+    /// read.
+    ///
+    /// # Errors
+    /// [`Error::WrongRound`] for an update that does not belong to the open round or comes
+    /// twice, [`Error::InvalidRequest`] for a wrong length or bad field.
+    pub fn check_update(&self, session: &str, header: &UpdateHeader) -> Result<NodeId, Error> {
+        let mut state = self.lock();
+        let node = state.touch(session)?;
+        self.check_against_round(&state, &node, header)?;
+        Ok(node)
+    }
+
+    fn check_against_round(
+        &self,
+        state: &State,
+        node: &NodeId,
+        header: &UpdateHeader,
+    ) -> Result<(), Error> {
+        let expected = self.shared.spec.num_params();
+        if header.num_params != expected {
+            return Err(Error::InvalidRequest(format!(
+                "update has {} parameters, the model has {expected}",
+                header.num_params
+            )));
+        }
+        if !header.train_loss.is_finite() {
+            return Err(Error::InvalidRequest("train_loss is not finite".into()));
+        }
+        let Some(round) = &state.round else {
+            return Err(Error::WrongRound(format!(
+                "update for round {} but no round is open",
+                header.round
+            )));
+        };
+        if header.round != round.id {
+            return Err(Error::WrongRound(format!(
+                "update for round {} but round {} is open",
+                header.round, round.id
+            )));
+        }
+        if header.model_version != round.model_version {
+            return Err(Error::WrongRound(format!(
+                "update trained from version {} but round {} starts from version {}",
+                header.model_version, round.id, round.model_version
+            )));
+        }
+        match round.members.get(node) {
+            None => Err(Error::WrongRound(format!(
+                "node {node} is not in round {}'s cohort",
+                round.id
+            ))),
+            Some(Outcome::Pending) => Ok(()),
+            Some(_) => Err(Error::WrongRound(format!(
+                "node {node} already answered round {}",
+                round.id
+            ))),
+        }
+    }
+
+    /// Records a node's update for the open round.
+    ///
+    /// # Errors
+    /// As [`Coordinator::check_update`] (the round may have closed while the payload
+    /// streamed), and [`Error::InvalidRequest`] for a payload of the wrong length.
+    pub fn submit_update(
+        &self,
+        session: &str,
+        header: UpdateHeader,
+        delta: Vec<f32>,
+    ) -> Result<(), Error> {
+        let mut state = self.lock();
+        let node = state.touch(session)?;
+        self.check_against_round(&state, &node, &header)?;
+        if delta.len() != header.num_params || delta.iter().any(|v| !v.is_finite()) {
+            return Err(Error::InvalidRequest(
+                "update payload does not match its header or is not finite".into(),
+            ));
+        }
+
+        let round = state.round.as_mut().ok_or(Error::ShuttingDown)?;
+        debug!(%node, round = round.id, examples = header.num_examples, "update accepted");
+        round
+            .members
+            .insert(node, Outcome::Submitted(Submission { header, delta }));
+        drop(state);
+        self.notify();
+        Ok(())
+    }
+
+    /// Records that a node declines the open round.
+    ///
+    /// # Errors
+    /// [`Error::WrongRound`] when the node has no pending task in that round.
+    pub fn decline(&self, session: &str, round_id: u64, reason: String) -> Result<(), Error> {
+        let mut state = self.lock();
+        let node = state.touch(session)?;
+        let round = state
+            .round
+            .as_mut()
+            .filter(|r| r.id == round_id)
+            .ok_or_else(|| Error::WrongRound(format!("round {round_id} is not open")))?;
+        match round.members.get(&node) {
+            Some(Outcome::Pending) => {}
+            _ => {
+                return Err(Error::WrongRound(format!(
+                    "node {node} has no pending task in round {round_id}"
+                )));
+            }
+        }
+        warn!(%node, round = round_id, %reason, "node declined the round");
+        round.members.insert(node, Outcome::Declined(reason));
+        drop(state);
+        self.notify();
+        Ok(())
+    }
+
+    /// Where the federation stands.
+    pub fn status(&self) -> Status {
+        let state = self.lock();
+        let stage = match (&state.finished, &state.round) {
+            (Some(_), _) => "finished",
+            (None, Some(_)) => "training",
+            (None, None) => "waiting_for_nodes",
+        };
+        Status {
+            federation: self.shared.federation.clone(),
+            round: state.round.as_ref().map(|r| r.id),
+            stage,
+            connected_nodes: state.connected(),
+            latest_version: state.global.manifest.version,
+            rounds_completed: state.rounds_completed,
+            rounds_abandoned: state.rounds_abandoned,
+        }
+    }
+
+    /// Runs rounds until the configured number has been published, too many in a row were
+    /// abandoned, or `shutdown` resolves. Marks the federation finished when it returns, so
+    /// polling nodes learn there is no more work.
+    ///
+    /// # Errors
+    /// Store failures while publishing.
+    pub async fn drive(
+        &self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), Error> {
+        tokio::pin!(shutdown);
+        let result = tokio::select! {
+            result = self.run_rounds() => result,
+            () = &mut shutdown => Ok(()),
+        };
+
+        let reason = match &result {
+            Ok(()) if self.lock().rounds_completed >= self.shared.config.rounds.total => {
+                format!("all {} rounds published", self.shared.config.rounds.total)
+            }
+            Ok(()) => "coordinator stopped".to_string(),
+            Err(e) => format!("coordinator failed: {e}"),
+        };
+        self.finish(reason);
+        result
+    }
+
+    async fn run_rounds(&self) -> Result<(), Error> {
+        let config = &self.shared.config;
+        let mut rng = match config.rounds.cohort_seed {
+            Some(seed) => ChaCha20Rng::seed_from_u64(seed),
+            None => ChaCha20Rng::try_from_rng(&mut rand::rngs::SysRng)
+                .map_err(|e| Error::InvalidRequest(format!("operating system RNG: {e}")))?,
+        };
+        let mut abandoned_in_a_row = 0;
+
+        while self.lock().rounds_completed < config.rounds.total {
+            if abandoned_in_a_row >= config.rounds.max_consecutive_abandoned {
+                warn!(
+                    abandoned_in_a_row,
+                    "giving up after too many abandoned rounds"
+                );
+                return Ok(());
+            }
+
+            self.wait_for_nodes(config.rounds.min_nodes).await;
+            let round_id = self.open_round(&mut rng);
+            let span = info_span!("round", round = round_id);
+            let published = async {
+                self.wait_for_answers().await;
+                self.close_round().await
+            }
+            .instrument(span)
+            .await?;
+
+            if published {
+                abandoned_in_a_row = 0;
+            } else {
+                abandoned_in_a_row += 1;
+            }
+        }
+        Ok(())
+    }
+
+    async fn wait_for_nodes(&self, min_nodes: usize) {
+        let mut changes = self.shared.changed.subscribe();
+        let mut announced = false;
+        loop {
+            changes.borrow_and_update();
+            let connected = self.lock().connected();
+            if connected >= min_nodes {
+                return;
+            }
+            if !announced {
+                info!(connected, min_nodes, "waiting for nodes");
+                announced = true;
+            }
+            // Sessions also expire by time alone, so look again now and then.
+            let _ = tokio::time::timeout(Duration::from_secs(5), changes.changed()).await;
+        }
+    }
+
+    fn open_round(&self, rng: &mut ChaCha20Rng) -> u64 {
+        let config = &self.shared.config;
+        let mut state = self.lock();
+        let mut candidates: Vec<NodeId> = state.connected_nodes();
+        candidates.sort();
+        let cohort_size = match config.rounds.cohort_size {
+            0 => candidates.len(),
+            n => n.min(candidates.len()),
+        };
+        // Partial Fisher-Yates with raw words; the modulo bias of a 64-bit word over a few
+        // thousand candidates is below 2^-50.
+        for i in 0..cohort_size {
+            let j = i + (rng.next_u64() % (candidates.len() - i) as u64) as usize;
+            candidates.swap(i, j);
+        }
+        candidates.truncate(cohort_size);
+
+        let id = state.next_round;
+        state.next_round += 1;
+        let model_version = state.global.manifest.version;
+        state.round = Some(OpenRound {
+            id,
+            model_version,
+            deadline: Instant::now() + config.round_deadline(),
+            members: candidates
+                .into_iter()
+                .map(|n| (n, Outcome::Pending))
+                .collect(),
+        });
+        drop(state);
+
+        info!(
+            round = id,
+            cohort = cohort_size,
+            model_version,
+            "round opened"
+        );
+        self.notify();
+        id
+    }
+
+    async fn wait_for_answers(&self) {
+        let mut changes = self.shared.changed.subscribe();
+        loop {
+            changes.borrow_and_update();
+            let deadline = {
+                let state = self.lock();
+                let Some(round) = &state.round else { return };
+                if round
+                    .members
+                    .values()
+                    .all(|o| !matches!(o, Outcome::Pending))
+                {
+                    return;
+                }
+                round.deadline
+            };
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                warn!("round deadline passed with nodes still pending");
+                return;
+            }
+        }
+    }
+
+    /// Aggregates and publishes, or abandons. Returns whether a version was published.
+    async fn close_round(&self) -> Result<bool, Error> {
+        let (round, global) = {
+            let mut state = self.lock();
+            let Some(round) = state.round.take() else {
+                return Ok(false);
+            };
+            (round, Arc::clone(&state.global))
+        };
+
+        let mut submissions = Vec::new();
+        let (mut declined, mut missing) = (0usize, 0usize);
+        for (node, outcome) in round.members {
+            match outcome {
+                Outcome::Submitted(s) => submissions.push((node, s)),
+                Outcome::Declined(reason) => {
+                    info!(node = %node, reason = %reason, "node declined the round");
+                    declined += 1;
+                }
+                Outcome::Pending => missing += 1,
+            }
+        }
+        let min_updates = self.shared.config.min_updates();
+        if submissions.len() < min_updates {
+            self.abandon(
+                round.id,
+                &format!(
+                    "{} updates, {min_updates} needed ({declined} declined, {missing} missing)",
+                    submissions.len()
+                ),
+            );
+            return Ok(false);
+        }
+
+        let contributions: Vec<Contribution> = submissions
+            .iter()
+            .map(|(_, s)| Contribution {
+                weight: s.header.num_examples,
+                delta: s.delta.clone(),
+            })
+            .collect();
+        let mut optimizer = self.lock().optimizer.clone();
+        let aggregated = strategy::weighted_mean(global.params.len(), &contributions)
+            .and_then(|mean| optimizer.apply(&global.params, &mean));
+        let params = match aggregated {
+            Ok(params) => params,
+            Err(e) => {
+                self.abandon(round.id, &e.to_string());
+                return Ok(false);
+            }
+        };
+        drop(contributions);
+
+        let draft = self.draft(round.id, &global.manifest, &submissions);
+        let store = self.store();
+        let manifest =
+            tokio::task::spawn_blocking(move || store.publish(draft, &params).map(|m| (m, params)))
+                .await
+                .map_err(|e| Error::InvalidRequest(format!("publishing task failed: {e}")))??;
+        let (manifest, params) = manifest;
+
+        info!(
+            round = round.id,
+            version = manifest.version,
+            contributors = manifest.contributors,
+            declined,
+            missing,
+            "version published"
+        );
+        {
+            let mut state = self.lock();
+            state.global = Arc::new(GlobalModel {
+                manifest: manifest.clone(),
+                params,
+            });
+            state.rounds_completed += 1;
+            state.optimizer = optimizer;
+        }
+        let _ = self.shared.published.send(manifest);
+        self.notify();
+        Ok(true)
+    }
+
+    fn draft(
+        &self,
+        round: u64,
+        parent: &Manifest,
+        submissions: &[(NodeId, Submission)],
+    ) -> ManifestDraft {
+        let plan = &self.shared.plan;
+        let total_examples: u64 = submissions.iter().map(|(_, s)| s.header.num_examples).sum();
+        let train_loss = submissions
+            .iter()
+            .map(|(_, s)| s.header.train_loss * s.header.num_examples as f64)
+            .sum::<f64>()
+            / total_examples.max(1) as f64;
+
+        // The example-level guarantee of a version covers every node whose data reached it
+        // through its lineage, so it is the worst of the parent's and this round's.
+        let mut max_epsilon = parent.example_privacy.max_epsilon;
+        let mut delta = parent.example_privacy.delta;
+        for (_, s) in submissions {
+            max_epsilon = worse(max_epsilon, s.header.privacy);
+            delta = match (delta, s.header.delta) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        if max_epsilon == Epsilon::Unbounded {
+            delta = None;
+        }
+
+        let state = self.lock();
+        let fingerprints = submissions
+            .iter()
+            .filter_map(|(node, _)| state.nodes.get(node)?.fingerprint.clone())
+            .collect();
+        drop(state);
+
+        let mut strategy_params = serde_json::Map::new();
+        let strategy = &self.shared.config.strategy;
+        strategy_params.insert(
+            "server_learning_rate".into(),
+            strategy.server_learning_rate.into(),
+        );
+        strategy_params.insert("server_momentum".into(), strategy.server_momentum.into());
+        strategy_params.insert(
+            "learning_rate".into(),
+            serde_json::Value::from(f64::from(plan.learning_rate)),
+        );
+        strategy_params.insert("local_epochs".into(), plan.local_epochs.into());
+        strategy_params.insert(
+            "expected_batch_size".into(),
+            plan.expected_batch_size.into(),
+        );
+        if let Some(dp) = &plan.dp {
+            strategy_params.insert("clip_norm".into(), dp.clip_norm.into());
+            strategy_params.insert("noise_multiplier".into(), dp.noise_multiplier.into());
+        }
+
+        let mut metrics = BTreeMap::new();
+        metrics.insert("train_loss".to_string(), train_loss);
+        metrics.insert("examples".to_string(), total_examples as f64);
+
+        ManifestDraft {
+            parent: Some(parent.version),
+            round,
+            model: self.shared.spec,
+            init_seed: parent.init_seed,
+            strategy: strategy.name().into(),
+            strategy_params,
+            contributors: submissions.len() as u32,
+            metrics,
+            example_privacy: ExamplePrivacy { max_epsilon, delta },
+            node_privacy: None,
+            dataset_fingerprints: fingerprints,
+            code_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+
+    fn abandon(&self, round: u64, reason: &str) {
+        warn!(round, %reason, "round abandoned; nothing published");
+        self.lock().rounds_abandoned += 1;
+        self.notify();
+    }
+
+    fn finish(&self, reason: String) {
+        info!(%reason, "federation finished");
+        let mut state = self.lock();
+        state.round = None;
+        state.finished = Some(reason);
+        drop(state);
+        self.notify();
+    }
+
+    fn notify(&self) {
+        self.shared.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-updated in a way later
+        // calls would misread: every update is a single insert or assignment.
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl State {
+    fn touch(&mut self, session: &str) -> Result<NodeId, Error> {
+        let node = self
+            .sessions
+            .get(session)
+            .cloned()
+            .ok_or(Error::UnknownSession)?;
+        if let Some(entry) = self.nodes.get_mut(&node) {
+            entry.last_seen = Instant::now();
+        }
+        Ok(node)
+    }
+
+    /// Nodes seen recently, plus cohort members still training (they are silent while they
+    /// work).
+    fn connected_nodes(&self) -> Vec<NodeId> {
+        let now = Instant::now();
+        self.nodes
+            .iter()
+            .filter(|(node, entry)| {
+                now.duration_since(entry.last_seen) < SESSION_TIMEOUT
+                    || self
+                        .round
+                        .as_ref()
+                        .is_some_and(|r| matches!(r.members.get(*node), Some(Outcome::Pending)))
+            })
+            .map(|(node, _)| node.clone())
+            .collect()
+    }
+
+    fn connected(&self) -> usize {
+        self.connected_nodes().len()
+    }
+}
+
+/// The weaker of two example-level guarantees.
+fn worse(a: Epsilon, b: Epsilon) -> Epsilon {
+    match (a, b) {
+        (Epsilon::Finite(x), Epsilon::Finite(y)) => Epsilon::Finite(x.max(y)),
+        _ => Epsilon::Unbounded,
+    }
+}
+
+/// A session token: 128 random bits from the operating system, hex encoded.
+fn new_session_token() -> String {
+    let mut bytes = [0u8; 16];
+    // Should the OS generator fail, the thread generator (itself OS-seeded, ChaCha-based)
+    // still gives unpredictable tokens.
+    if rand::rngs::SysRng.try_fill_bytes(&mut bytes).is_err() {
+        rand::rng().fill_bytes(&mut bytes);
+    }
+    hex::encode(bytes)
+}

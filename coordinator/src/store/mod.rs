@@ -1,0 +1,750 @@
+//! The model store: every published model version, immutable, in one directory.
+//!
+//! # Layout
+//!
+//! ```text
+//! DIR/
+//!   versions/
+//!     000000/                  the initial model: parent null, round 0
+//!       weights.safetensors
+//!       manifest.json
+//!     000001/
+//!       weights.safetensors
+//!       manifest.json
+//!     .partial-000002/         a publish in progress, or one a crash interrupted
+//! ```
+//!
+//! Version directories are named by their number, zero-padded to six digits so that `ls` lists
+//! them in order (a seventh digit is used past 999 999). The manifest is described in
+//! [`manifest`]; the weights are a safetensors file that numpy and PyTorch read directly
+//! (`safetensors.numpy.load_file`, `safetensors.torch.load_file`).
+//!
+//! # Invariants
+//!
+//! - Version numbers are dense: 0 is the first model published (by convention the seeded
+//!   initial model, see [`ManifestDraft::initial`]) and each publish takes the next number.
+//! - A version directory only ever appears under its final name complete. [`ModelStore::publish`]
+//!   writes both files into `.partial-NNNNNN/`, flushes them and the directory to disk, renames
+//!   the directory to `NNNNNN/` and flushes `versions/`. A crash at any moment leaves either no
+//!   version or a whole one, plus possibly a `.partial-` directory, which
+//!   [`ModelStore::open`] deletes (with a warning) and whose number the next publish reuses.
+//! - Nothing in a version directory is ever rewritten or deleted by the store.
+//! - `weights_sha256` in the manifest is the SHA-256 of the whole weights file. A version whose
+//!   manifest is missing or unreadable, whose weights do not match that hash or the model, or
+//!   that is absent while later versions exist, is *damaged*: it is listed with its cause and
+//!   never served.
+//!
+//! # Weights file
+//!
+//! One `F32` tensor per [`TensorView`] of the model, under its name (`w`, `b` or `w1`, `b1`,
+//! `w2`, `b2`) and shape. The tensors are laid out in the order of the flat parameter vector,
+//! so the file's data section is exactly that vector in little-endian `f32`. The header carries
+//! string metadata: `athanor_format` (`"1"`), `version`, `architecture` (`logistic_regression`
+//! or `mlp`) and `model` (the [`ModelSpec`] as JSON). The store writes the header itself with
+//! sorted keys, so the same parameters and version always give the same bytes and hash.
+//!
+//! # Concurrency
+//!
+//! A [`ModelStore`] is `Send + Sync` and every method takes `&self`: wrap it in an `Arc` and call
+//! it from `spawn_blocking`. Publishes are serialized by an internal mutex; readers only wait for
+//! the in-memory listing, never for a publish's disk writes. The listing is cached, so
+//! [`ModelStore::list`] and [`ModelStore::latest`] do no I/O. One process may use a directory
+//! at a time; this is not enforced.
+
+pub mod manifest;
+
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::SystemTime;
+
+use athanor_core::model::{Architecture, ModelSpec, TensorView};
+use safetensors::{Dtype, SafeTensors};
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use tracing::{debug, info, warn};
+
+pub use self::manifest::{
+    DatasetFingerprint, Epsilon, ExamplePrivacy, MANIFEST_FORMAT, Manifest, ManifestDraft,
+    NodePrivacy,
+};
+
+/// Name of the weights file in a version directory.
+pub const WEIGHTS_FILE: &str = "weights.safetensors";
+/// Name of the manifest file in a version directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// Subdirectory of the store holding the versions.
+const VERSIONS_DIR: &str = "versions";
+/// Prefix of a version directory being written.
+const PARTIAL_PREFIX: &str = ".partial-";
+/// Value of the `athanor_format` metadata key in weights files.
+const WEIGHTS_FORMAT: &str = "1";
+
+/// What can go wrong storing or reading model versions.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Reading or writing a file or directory failed.
+    #[error("i/o error at {path}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A manifest is not valid JSON of the expected shape, has an unknown format, or records a
+    /// version other than the directory it is in.
+    #[error("manifest of version {version} is corrupt: {message}")]
+    CorruptManifest {
+        /// The version whose manifest it is.
+        version: u64,
+        /// What is wrong, from the JSON parser or the checks after it.
+        message: String,
+    },
+    /// A weights file does not have the hash its manifest records.
+    #[error("weights of version {version} have sha256 {got}, the manifest records {expected}")]
+    HashMismatch {
+        /// The version.
+        version: u64,
+        /// Hash recorded in the manifest.
+        expected: String,
+        /// Hash of the file as read.
+        got: String,
+    },
+    /// A weights file matches its hash but not the model in its manifest (tensor names, types
+    /// or shapes), or is not valid safetensors.
+    #[error("weights of version {version} do not fit its model: {message}")]
+    InvalidWeights {
+        /// The version.
+        version: u64,
+        /// What does not fit.
+        message: String,
+    },
+    /// A version's directory is absent although later versions exist.
+    #[error("version {version} is missing ({path} does not exist) although later versions do")]
+    MissingVersion {
+        /// The missing version.
+        version: u64,
+        /// Where it should be.
+        path: PathBuf,
+    },
+    /// A version was found damaged, now or earlier, and is not served.
+    #[error("version {version} is damaged and is not served")]
+    Damaged {
+        /// The version.
+        version: u64,
+        /// What was found wrong with it.
+        #[source]
+        cause: Arc<StoreError>,
+    },
+    /// The directory for the version being published already exists; it was left untouched.
+    #[error("version {version} already exists at {path}")]
+    VersionExists {
+        /// The version number.
+        version: u64,
+        /// Its directory.
+        path: PathBuf,
+    },
+    /// The parameter vector does not have the model's length.
+    #[error("the model has {expected} parameters, got {got}")]
+    WrongLength {
+        /// The model's parameter count.
+        expected: usize,
+        /// Length of the vector given.
+        got: usize,
+    },
+    /// A parameter is NaN or infinite; such a model is never published.
+    #[error("parameter {index} (in tensor {tensor}) is {value}")]
+    NonFiniteParameter {
+        /// Index in the flat parameter vector.
+        index: usize,
+        /// Name of the tensor it falls in.
+        tensor: &'static str,
+        /// The value.
+        value: f32,
+    },
+    /// A manifest draft holds a value that cannot be stored (a non-finite metric, a delta of 1).
+    #[error("manifest field {field} is invalid: {reason}")]
+    InvalidDraft {
+        /// Path of the field, e.g. `metrics.train_loss`.
+        field: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// A draft names a parent version that has not been published.
+    #[error("parent version {parent} does not exist; the next version is {next}")]
+    UnknownParent {
+        /// The parent named.
+        parent: u64,
+        /// The number the new version would have had.
+        next: u64,
+    },
+    /// No version with this number has been published.
+    #[error("version {version} does not exist")]
+    NotFound {
+        /// The version asked for.
+        version: u64,
+    },
+}
+
+/// One version number in the store's listing.
+#[derive(Debug, Clone)]
+pub struct VersionEntry {
+    /// The version number.
+    pub version: u64,
+    /// Whether it can be served.
+    pub status: VersionStatus,
+}
+
+/// Whether a version can be served.
+#[derive(Debug, Clone)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "nearly every entry is valid, so boxing the manifest would save no memory"
+)]
+pub enum VersionStatus {
+    /// Complete and consistent with its manifest.
+    Valid(Manifest),
+    /// Found damaged, when the store was opened or when it was last read; never served.
+    Damaged(Arc<StoreError>),
+}
+
+/// A directory of immutable model versions. See the [module documentation](self).
+// TODO: nothing stops a second process from opening the same directory; both would assign the
+// same next number, and the existence check before the rename narrows that race without closing
+// it. Holding an advisory lock on a `DIR/lock` file while the store is open (`File::try_lock`,
+// once the workspace's minimum Rust reaches 1.89) would make a second open fail instead.
+#[derive(Debug)]
+pub struct ModelStore {
+    /// The store's directory.
+    root: PathBuf,
+    /// `root/versions`.
+    versions_dir: PathBuf,
+    /// Held for the whole of a publish, so numbers are assigned and written one at a time.
+    publish_lock: Mutex<()>,
+    /// Entry `i` is version `i`; the length is the next version number. Only ever grows by a
+    /// complete entry or has one entry marked damaged, so it is consistent even after a panic
+    /// while locked.
+    entries: RwLock<Vec<VersionEntry>>,
+}
+
+impl ModelStore {
+    /// Opens the store in `dir`, creating the directory if it is missing.
+    ///
+    /// Deletes the `.partial-` directories left by interrupted publishes, then reads and checks
+    /// every version: manifest, weights hash and tensor shapes. Damaged versions are logged and
+    /// listed but do not make opening fail. This reads every weights file once.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] if the directory cannot be created or listed, or a leftover partial
+    /// version cannot be deleted.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let root = dir.as_ref().to_path_buf();
+        let versions_dir = root.join(VERSIONS_DIR);
+        fs::create_dir_all(&versions_dir).map_err(io_error(&versions_dir))?;
+        let numbers = scan_versions_dir(&versions_dir)?;
+
+        // Versions are dense, so every number below the highest should be present.
+        // TODO: every weights file is read and hashed here, which is fine for hundreds of
+        // versions of small models but slow for thousands of large ones; checking the newest
+        // few now and the rest on first access would keep start-up short.
+        // TODO: a stray directory with a huge number (say `900000`) turns every number below
+        // it into a listed missing version, one warning each; treating a number far past the
+        // last contiguous one as foreign would avoid that.
+        let count = numbers.last().map_or(0, |&highest| highest + 1);
+        let entries: Vec<VersionEntry> = (0..count)
+            .map(|version| {
+                let dir = versions_dir.join(dir_name(version));
+                let checked = if numbers.contains(&version) {
+                    check_version(&dir, version)
+                } else {
+                    Err(StoreError::MissingVersion { version, path: dir })
+                };
+                let status = match checked {
+                    Ok(manifest) => VersionStatus::Valid(manifest),
+                    Err(error) => {
+                        warn!(version, error = %error_chain(&error), "model version is damaged");
+                        VersionStatus::Damaged(Arc::new(error))
+                    }
+                };
+                VersionEntry { version, status }
+            })
+            .collect();
+
+        let damaged = entries
+            .iter()
+            .filter(|entry| matches!(entry.status, VersionStatus::Damaged(_)))
+            .count();
+        debug!(dir = %root.display(), versions = count, damaged, "model store opened");
+
+        Ok(ModelStore {
+            root,
+            versions_dir,
+            publish_lock: Mutex::new(()),
+            entries: RwLock::new(entries),
+        })
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.root
+    }
+
+    /// The number the next published version will get: one more than the highest version on
+    /// disk, damaged or not, or 0 for an empty store.
+    pub fn next_version(&self) -> u64 {
+        self.entries
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len() as u64
+    }
+
+    /// The manifest of the highest version that is not damaged, if any.
+    pub fn latest(&self) -> Option<Manifest> {
+        let entries = self.entries.read().unwrap_or_else(PoisonError::into_inner);
+        entries.iter().rev().find_map(|entry| match &entry.status {
+            VersionStatus::Valid(manifest) => Some(manifest.clone()),
+            VersionStatus::Damaged(_) => None,
+        })
+    }
+
+    /// Every version number from 0 to the highest, with its status.
+    pub fn list(&self) -> Vec<VersionEntry> {
+        self.entries
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The manifest of `version`.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] if it was never published, [`StoreError::Damaged`] if it is
+    /// damaged.
+    pub fn manifest(&self, version: u64) -> Result<Manifest, StoreError> {
+        let entries = self.entries.read().unwrap_or_else(PoisonError::into_inner);
+        let entry = usize::try_from(version)
+            .ok()
+            .and_then(|index| entries.get(index));
+        match entry.map(|entry| &entry.status) {
+            None => Err(StoreError::NotFound { version }),
+            Some(VersionStatus::Valid(manifest)) => Ok(manifest.clone()),
+            Some(VersionStatus::Damaged(cause)) => Err(StoreError::Damaged {
+                version,
+                cause: Arc::clone(cause),
+            }),
+        }
+    }
+
+    /// Reads `version`'s weights as a flat parameter vector in the layout of its
+    /// [`ModelSpec`], after checking the file's hash and tensors.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`]; [`StoreError::Damaged`] if the version is damaged or is found
+    /// damaged now (it is then marked so in the listing); [`StoreError::Io`] if reading fails
+    /// for a reason other than a missing file.
+    pub fn load(&self, version: u64) -> Result<(Manifest, Vec<f32>), StoreError> {
+        let manifest = self.manifest(version)?;
+        let path = self.versions_dir.join(dir_name(version)).join(WEIGHTS_FILE);
+        let params = read_weights(&path, &manifest)
+            .and_then(|bytes| decode_weights(version, &manifest.model, &bytes))
+            .map_err(|error| self.found_damaged(version, error))?;
+        Ok((manifest, params))
+    }
+
+    /// The raw bytes of `version`'s weights file, after checking its hash: what a client that
+    /// fetches the model receives. The whole file is held in memory.
+    ///
+    /// # Errors
+    /// As [`ModelStore::load`].
+    pub fn weights_bytes(&self, version: u64) -> Result<Vec<u8>, StoreError> {
+        let manifest = self.manifest(version)?;
+        let path = self.versions_dir.join(dir_name(version)).join(WEIGHTS_FILE);
+        // TODO: models here are at most a few megabytes; for larger ones, hash while streaming
+        // chunks from the open file (and fail the stream on a mismatch) instead of buffering.
+        read_weights(&path, &manifest).map_err(|error| self.found_damaged(version, error))
+    }
+
+    /// Publishes a new version with the next number, writing it atomically, and returns its
+    /// manifest.
+    ///
+    /// Everything is checked before anything is written; on any error nothing is published and
+    /// no partial directory is left behind (unless deleting it fails too, which is logged).
+    ///
+    /// # Errors
+    /// [`StoreError::WrongLength`] if `params` does not have the model's length;
+    /// [`StoreError::NonFiniteParameter`] if a parameter is NaN or infinite;
+    /// [`StoreError::InvalidDraft`] and [`StoreError::UnknownParent`] for a bad draft;
+    /// [`StoreError::VersionExists`] if another writer created the version's directory;
+    /// [`StoreError::Io`] if writing fails.
+    pub fn publish(&self, draft: ManifestDraft, params: &[f32]) -> Result<Manifest, StoreError> {
+        let _publishing = self
+            .publish_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let version = self.next_version();
+
+        // Check the inputs.
+        if let Some(parent) = draft.parent
+            && parent >= version
+        {
+            return Err(StoreError::UnknownParent {
+                parent,
+                next: version,
+            });
+        }
+        draft.validate()?;
+        check_params(&draft.model, params)?;
+
+        // Build both files in memory.
+        let weights = encode_weights(version, &draft.model, params);
+        let weights_sha256 = hex::encode(Sha256::digest(&weights));
+        let created_at = manifest::rfc3339_utc(SystemTime::now());
+        let manifest = Manifest::from_draft(draft, version, created_at, weights_sha256);
+        let mut manifest_json = serde_json::to_vec_pretty(&manifest)
+            .expect("a manifest has only string map keys and finite floats, so it serializes");
+        manifest_json.push(b'\n');
+
+        // Write them and move the whole directory into place.
+        self.write_version(version, &weights, &manifest_json)?;
+
+        let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
+        entries.push(VersionEntry {
+            version,
+            status: VersionStatus::Valid(manifest.clone()),
+        });
+        drop(entries);
+        info!(
+            version,
+            parent = ?manifest.parent,
+            round = manifest.round,
+            contributors = manifest.contributors,
+            "model version published"
+        );
+        Ok(manifest)
+    }
+
+    /// Writes a version's files into its partial directory and renames it into place, deleting
+    /// the partial directory if anything fails.
+    fn write_version(
+        &self,
+        version: u64,
+        weights: &[u8],
+        manifest: &[u8],
+    ) -> Result<(), StoreError> {
+        let final_dir = self.versions_dir.join(dir_name(version));
+        let partial = self
+            .versions_dir
+            .join(format!("{PARTIAL_PREFIX}{}", dir_name(version)));
+        if final_dir.exists() {
+            return Err(StoreError::VersionExists {
+                version,
+                path: final_dir,
+            });
+        }
+
+        let written = write_partial(&partial, weights, manifest).and_then(|()| {
+            // `rename` would replace an empty directory of the same name: check again, as late
+            // as possible. Only another process could have created it meanwhile.
+            if final_dir.exists() {
+                return Err(StoreError::VersionExists {
+                    version,
+                    path: final_dir.clone(),
+                });
+            }
+            fs::rename(&partial, &final_dir).map_err(io_error(&final_dir))
+        });
+        if let Err(error) = written {
+            if let Err(cleanup) = fs::remove_dir_all(&partial)
+                && cleanup.kind() != io::ErrorKind::NotFound
+            {
+                warn!(path = %partial.display(), error = %cleanup, "cannot delete partial version");
+            }
+            return Err(error);
+        }
+
+        // Make the rename itself durable.
+        sync_dir(&self.versions_dir)
+    }
+
+    /// Marks `version` damaged after reading it failed with `error`, unless the failure looks
+    /// transient, and returns the error to report.
+    fn found_damaged(&self, version: u64, error: StoreError) -> StoreError {
+        if let StoreError::Io { source, .. } = &error
+            && source.kind() != io::ErrorKind::NotFound
+        {
+            return error;
+        }
+
+        warn!(version, error = %error_chain(&error), "model version is damaged");
+        let cause = Arc::new(error);
+        let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = usize::try_from(version)
+            .ok()
+            .and_then(|index| entries.get_mut(index))
+        {
+            entry.status = VersionStatus::Damaged(Arc::clone(&cause));
+        }
+        StoreError::Damaged { version, cause }
+    }
+}
+
+/// Lists `versions/`: deletes partial versions, warns about and skips anything that is not a
+/// version directory name, and returns the version numbers found.
+fn scan_versions_dir(versions_dir: &Path) -> Result<BTreeSet<u64>, StoreError> {
+    let mut numbers = BTreeSet::new();
+    let mut deleted_partial = false;
+    let listing = fs::read_dir(versions_dir).map_err(io_error(versions_dir))?;
+    for item in listing {
+        let item = item.map_err(io_error(versions_dir))?;
+        let path = item.path();
+        let Some(name) = item.file_name().to_str().map(str::to_owned) else {
+            warn!(path = %path.display(), "ignoring a non-UTF-8 name in the model store");
+            continue;
+        };
+
+        if name.starts_with(PARTIAL_PREFIX) {
+            warn!(path = %path.display(), "deleting a version an interrupted publish left");
+            let removed = if item.file_type().is_ok_and(|kind| kind.is_dir()) {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            removed.map_err(io_error(&path))?;
+            deleted_partial = true;
+            continue;
+        }
+
+        // Only the canonical spelling counts, so two names never claim one number.
+        match name.parse::<u64>() {
+            Ok(version) if name == dir_name(version) => {
+                numbers.insert(version);
+            }
+            _ => warn!(path = %path.display(), "ignoring unexpected entry in the model store"),
+        }
+    }
+
+    if deleted_partial {
+        sync_dir(versions_dir)?;
+    }
+    Ok(numbers)
+}
+
+/// Reads and fully checks one version directory.
+fn check_version(dir: &Path, version: u64) -> Result<Manifest, StoreError> {
+    let manifest = read_manifest(&dir.join(MANIFEST_FILE), version)?;
+    let bytes = read_weights(&dir.join(WEIGHTS_FILE), &manifest)?;
+    decode_weights(version, &manifest.model, &bytes)?;
+    Ok(manifest)
+}
+
+fn read_manifest(path: &Path, version: u64) -> Result<Manifest, StoreError> {
+    let bytes = fs::read(path).map_err(io_error(path))?;
+    let corrupt = |message: String| StoreError::CorruptManifest { version, message };
+
+    // Look at the format first: a newer format may not parse as this one.
+    let value: Value =
+        serde_json::from_slice(&bytes).map_err(|error| corrupt(error.to_string()))?;
+    let format = value.get("format").and_then(Value::as_u64);
+    if format != Some(u64::from(MANIFEST_FORMAT)) {
+        let found = value
+            .get("format")
+            .map_or("none".to_owned(), Value::to_string);
+        return Err(corrupt(format!(
+            "format is {found}, this build reads {MANIFEST_FORMAT}"
+        )));
+    }
+
+    let manifest: Manifest =
+        serde_json::from_value(value).map_err(|error| corrupt(error.to_string()))?;
+    if manifest.version != version {
+        return Err(corrupt(format!("it records version {}", manifest.version)));
+    }
+    Ok(manifest)
+}
+
+/// Reads a weights file and checks it against the manifest's hash.
+fn read_weights(path: &Path, manifest: &Manifest) -> Result<Vec<u8>, StoreError> {
+    let bytes = fs::read(path).map_err(io_error(path))?;
+    let got = hex::encode(Sha256::digest(&bytes));
+    if got != manifest.weights_sha256 {
+        return Err(StoreError::HashMismatch {
+            version: manifest.version,
+            expected: manifest.weights_sha256.clone(),
+            got,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Checks that a parameter vector fits the model and is finite.
+fn check_params(model: &ModelSpec, params: &[f32]) -> Result<(), StoreError> {
+    let expected = model.num_params();
+    if params.len() != expected {
+        return Err(StoreError::WrongLength {
+            expected,
+            got: params.len(),
+        });
+    }
+
+    let Some(index) = params.iter().position(|value| !value.is_finite()) else {
+        return Ok(());
+    };
+    let tensor = model
+        .tensors()
+        .into_iter()
+        .find(|view| (view.offset..view.offset + view.len()).contains(&index))
+        .map_or("?", |view| view.name);
+    Err(StoreError::NonFiniteParameter {
+        index,
+        tensor,
+        value: params[index],
+    })
+}
+
+/// Serializes parameters as a safetensors file. See the module documentation for the layout.
+///
+/// The format: an 8-byte little-endian header length, the JSON header padded with spaces to a
+/// multiple of 8 bytes, then the tensor data, each tensor at the byte offsets its header entry
+/// gives relative to the end of the header.
+fn encode_weights(version: u64, model: &ModelSpec, params: &[f32]) -> Vec<u8> {
+    let architecture = match model.architecture {
+        Architecture::LogisticRegression => "logistic_regression",
+        Architecture::Mlp { .. } => "mlp",
+    };
+    let mut header = Map::new();
+    header.insert(
+        "__metadata__".to_owned(),
+        json!({
+            "athanor_format": WEIGHTS_FORMAT,
+            "version": version.to_string(),
+            "architecture": architecture,
+            "model": json!(model).to_string(),
+        }),
+    );
+    for view in model.tensors() {
+        let (start, end) = (view.offset * 4, (view.offset + view.len()) * 4);
+        let entry = json!({ "dtype": "F32", "shape": view.shape, "data_offsets": [start, end] });
+        header.insert(view.name.to_owned(), entry);
+    }
+
+    let mut header = Value::Object(header).to_string().into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+
+    let mut bytes = Vec::with_capacity(8 + header.len() + params.len() * 4);
+    bytes.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&header);
+    for value in params {
+        bytes.extend_from_slice(&value.to_le_bytes());
+    }
+    bytes
+}
+
+/// Parses a safetensors file into a flat parameter vector, checking that it holds exactly the
+/// model's tensors, as finite `F32` values of the right shapes.
+fn decode_weights(version: u64, model: &ModelSpec, bytes: &[u8]) -> Result<Vec<f32>, StoreError> {
+    let invalid = |message: String| StoreError::InvalidWeights { version, message };
+    let file = SafeTensors::deserialize(bytes).map_err(|error| invalid(error.to_string()))?;
+    let views = model.tensors();
+    if file.len() != views.len() {
+        let (got, expected) = (file.len(), views.len());
+        return Err(invalid(format!(
+            "the file has {got} tensors, the model {expected}"
+        )));
+    }
+
+    let mut params = vec![0.0; model.num_params()];
+    for view in &views {
+        let TensorView {
+            name,
+            shape,
+            offset,
+        } = view;
+        let tensor = file
+            .tensor(name)
+            .map_err(|_| invalid(format!("no tensor {name}")))?;
+        if tensor.dtype() != Dtype::F32 {
+            return Err(invalid(format!(
+                "tensor {name} is {}, not F32",
+                tensor.dtype()
+            )));
+        }
+        if tensor.shape() != shape.as_slice() {
+            let got = tensor.shape();
+            return Err(invalid(format!(
+                "tensor {name} has shape {got:?}, not {shape:?}"
+            )));
+        }
+
+        let target = &mut params[*offset..offset + view.len()];
+        for (value, chunk) in target.iter_mut().zip(tensor.data().chunks_exact(4)) {
+            // `chunks_exact(4)` only yields 4-byte slices.
+            *value = f32::from_le_bytes(chunk.try_into().expect("chunk of 4 bytes"));
+        }
+        if target.iter().any(|value| !value.is_finite()) {
+            return Err(invalid(format!("tensor {name} holds a non-finite value")));
+        }
+    }
+    Ok(params)
+}
+
+/// Creates `partial` and writes both files into it, each flushed to disk, then the directory.
+fn write_partial(partial: &Path, weights: &[u8], manifest: &[u8]) -> Result<(), StoreError> {
+    // A partial directory of this number can only be a leftover of a publish in this process
+    // whose cleanup failed; nothing else writes there.
+    if partial.exists() {
+        fs::remove_dir_all(partial).map_err(io_error(partial))?;
+    }
+    fs::create_dir(partial).map_err(io_error(partial))?;
+
+    for (name, contents) in [(WEIGHTS_FILE, weights), (MANIFEST_FILE, manifest)] {
+        let path = partial.join(name);
+        let mut file = File::create_new(&path).map_err(io_error(&path))?;
+        file.write_all(contents).map_err(io_error(&path))?;
+        file.sync_all().map_err(io_error(&path))?;
+    }
+    sync_dir(partial)
+}
+
+/// Flushes a directory's entries to disk, so that files created or renamed in it survive a
+/// crash.
+#[cfg(unix)]
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|handle| handle.sync_all())
+        .map_err(io_error(dir))
+}
+
+/// Directories cannot be opened as files on this platform; renames are then only as durable
+/// as the file system makes them.
+#[cfg(not(unix))]
+fn sync_dir(_dir: &Path) -> Result<(), StoreError> {
+    Ok(())
+}
+
+/// The directory name of a version.
+fn dir_name(version: u64) -> String {
+    format!("{version:06}")
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// An error with its causes, for one log field.
+fn error_chain(error: &StoreError) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
