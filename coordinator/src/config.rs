@@ -411,13 +411,9 @@ impl CoordinatorConfig {
             (DpSwitch::On, _, _) => {
                 return Err("[privacy] dp = \"on\" needs clip_norm and noise_multiplier".into());
             }
-            (DpSwitch::Off, None, None) => None,
-            (DpSwitch::Off, _, _) => {
-                return Err(
-                    "[privacy] dp = \"off\" contradicts clip_norm/noise_multiplier being set"
-                        .into(),
-                );
-            }
+            // Switching DP off keeps the tuned clip norm and noise multiplier in the file, so
+            // that a private and a non-private run differ by one line; they are ignored.
+            (DpSwitch::Off, _, _) => None,
         };
         Ok(RoundPlan {
             learning_rate: self.training.learning_rate,

@@ -183,7 +183,7 @@ struct OpenRound {
 enum Outcome {
     Pending,
     Submitted(Submission),
-    Declined(String),
+    Declined,
 }
 
 #[derive(Debug)]
@@ -207,6 +207,12 @@ impl Coordinator {
             path: config.store.dir.clone(),
             message,
         })?;
+        if plan.dp.is_none() {
+            warn!(
+                "differential privacy is OFF: nodes train without clipping or noise and every \
+                 published version carries epsilon = infinity"
+            );
+        }
 
         let store = ModelStore::open(&config.store.dir)?;
         if store.latest().is_none() {
@@ -489,7 +495,7 @@ impl Coordinator {
             }
         }
         warn!(%node, round = round_id, %reason, "node declined the round");
-        round.members.insert(node, Outcome::Declined(reason));
+        round.members.insert(node, Outcome::Declined);
         drop(state);
         self.notify();
         Ok(())
@@ -678,10 +684,7 @@ impl Coordinator {
         for (node, outcome) in round.members {
             match outcome {
                 Outcome::Submitted(s) => submissions.push((node, s)),
-                Outcome::Declined(reason) => {
-                    info!(node = %node, reason = %reason, "node declined the round");
-                    declined += 1;
-                }
+                Outcome::Declined => declined += 1,
                 Outcome::Pending => missing += 1,
             }
         }
