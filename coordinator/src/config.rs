@@ -39,6 +39,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use athanor_core::accountant::{Accountant, Step};
 use athanor_core::model::{Architecture, ModelSpec};
 use athanor_core::plan::{DpSgdRequest, RoundPlan};
 use serde::Deserialize;
@@ -68,6 +69,10 @@ pub struct CoordinatorConfig {
     pub strategy: StrategySection,
     /// Example-level privacy asked of the nodes.
     pub privacy: PrivacySection,
+    /// Node-level differential privacy of the published models; absent, only the nodes'
+    /// example-level guarantees hold.
+    #[serde(default)]
+    pub node_privacy: Option<NodePrivacySection>,
 }
 
 /// `[federation]`.
@@ -255,6 +260,36 @@ pub struct PrivacySection {
     pub noise_multiplier: Option<f64>,
 }
 
+/// `[node_privacy]`: hides whether any one organization took part, by clipping every
+/// node's whole update to L2 norm `update_clip_norm` and adding Gaussian noise of standard
+/// deviation `noise_multiplier * update_clip_norm` to their sum before it is published
+/// (DP-FedAvg, McMahan et al. 2018). The coordinator accounts every published round and
+/// stops publishing when `epsilon` would be exceeded at `delta`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodePrivacySection {
+    /// L2 bound S on each node's update (model delta).
+    pub update_clip_norm: f64,
+    /// Noise multiplier z: the noise on the sum of updates has standard deviation `z * S`.
+    pub noise_multiplier: f64,
+    /// The federation's node-level budget: no version is published past it.
+    pub epsilon: f64,
+    /// The delta of that budget.
+    #[serde(default = "default_node_delta")]
+    pub delta: f64,
+    /// `rdp` or `pld`.
+    #[serde(default)]
+    pub accountant: Accountant,
+    /// Fixed seed for the aggregate's noise. For reproducible simulations only: a known seed
+    /// lets anyone subtract the noise, so the coordinator warns whenever it is set.
+    #[serde(default)]
+    pub insecure_noise_seed: Option<u64>,
+}
+
+fn default_node_delta() -> f64 {
+    1e-5
+}
+
 /// Whether DP-SGD is asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -263,6 +298,49 @@ pub enum DpSwitch {
     On,
     /// Plain SGD: no example-level privacy.
     Off,
+}
+
+impl NodePrivacySection {
+    /// Checks every value, and that a single round fits in the budget: a federation that
+    /// could never publish is a configuration error, not a silent stop.
+    fn check(&self) -> Result<(), String> {
+        let positive = |name: &str, value: f64| {
+            if value.is_finite() && value > 0.0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "[node_privacy] {name} must be positive and finite, got {value}"
+                ))
+            }
+        };
+        positive("update_clip_norm", self.update_clip_norm)?;
+        positive("noise_multiplier", self.noise_multiplier)?;
+        positive("epsilon", self.epsilon)?;
+        if !(self.delta > 0.0 && self.delta < 1.0) {
+            return Err(format!(
+                "[node_privacy] delta must be in (0, 1), got {}",
+                self.delta
+            ));
+        }
+        let one_round = Step {
+            q: 1.0,
+            sigma: self.noise_multiplier,
+            count: 1,
+        };
+        let report = self
+            .accountant
+            .epsilon(&[one_round], self.delta)
+            .map_err(|e| format!("[node_privacy]: {e}"))?;
+        if report.epsilon > self.epsilon {
+            return Err(format!(
+                "[node_privacy] one round with every node at noise_multiplier = {} already \
+                 spends epsilon = {:.3}, more than the budget {}; raise noise_multiplier or \
+                 the budget",
+                self.noise_multiplier, report.epsilon, self.epsilon
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl CoordinatorConfig {
@@ -352,6 +430,9 @@ impl CoordinatorConfig {
         self.round_plan()?
             .validate()
             .map_err(|e| format!("[training]/[privacy]: {e}"))?;
+        if let Some(node) = &self.node_privacy {
+            node.check()?;
+        }
         Ok(())
     }
 

@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod node_privacy;
 pub mod round;
 pub mod server;
 pub mod service;

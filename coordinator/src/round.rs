@@ -29,8 +29,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Error;
 use crate::config::CoordinatorConfig;
+use crate::node_privacy::NodeLevelDp;
 use crate::store::{
-    DatasetFingerprint, Epsilon, ExamplePrivacy, Manifest, ManifestDraft, ModelStore, VersionStatus,
+    DatasetFingerprint, Epsilon, ExamplePrivacy, Manifest, ManifestDraft, ModelStore, NodePrivacy,
+    VersionStatus,
 };
 use crate::strategy::{self, Contribution, ServerOptimizer};
 
@@ -149,6 +151,9 @@ struct Shared {
     store: Arc<ModelStore>,
     changed: watch::Sender<u64>,
     published: broadcast::Sender<Manifest>,
+    /// Node-level DP of the published models, when configured. Only the task that drives
+    /// rounds takes this lock.
+    node_dp: Option<Mutex<NodeLevelDp>>,
 }
 
 #[derive(Debug)]
@@ -176,6 +181,8 @@ struct OpenRound {
     id: u64,
     model_version: u64,
     deadline: Instant,
+    /// Probability with which each connected node was drawn into the cohort.
+    sampling_rate: f64,
     members: BTreeMap<NodeId, Outcome>,
 }
 
@@ -239,6 +246,18 @@ impl Coordinator {
             });
         }
         let (manifest, params) = store.load(latest.version)?;
+        let node_dp = match &config.node_privacy {
+            Some(settings) => {
+                let dp = NodeLevelDp::resume(settings.clone(), &manifest)?;
+                info!(
+                    epsilon_spent = dp.spent()?.epsilon,
+                    budget = settings.epsilon,
+                    "node-level privacy accounting on"
+                );
+                Some(Mutex::new(dp))
+            }
+            None => None,
+        };
         let rounds_completed = store
             .list()
             .iter()
@@ -278,6 +297,7 @@ impl Coordinator {
                 store: Arc::new(store),
                 changed,
                 published,
+                node_dp,
             }),
         })
     }
@@ -533,21 +553,19 @@ impl Coordinator {
         tokio::pin!(shutdown);
         let result = tokio::select! {
             result = self.run_rounds() => result,
-            () = &mut shutdown => Ok(()),
+            () = &mut shutdown => Ok("coordinator stopped".to_string()),
         };
 
         let reason = match &result {
-            Ok(()) if self.lock().rounds_completed >= self.shared.config.rounds.total => {
-                format!("all {} rounds published", self.shared.config.rounds.total)
-            }
-            Ok(()) => "coordinator stopped".to_string(),
+            Ok(reason) => reason.clone(),
             Err(e) => format!("coordinator failed: {e}"),
         };
         self.finish(reason);
-        result
+        result.map(drop)
     }
 
-    async fn run_rounds(&self) -> Result<(), Error> {
+    /// Runs rounds until the federation is done; returns why it is.
+    async fn run_rounds(&self) -> Result<String, Error> {
         let config = &self.shared.config;
         let mut rng = match config.rounds.cohort_seed {
             Some(seed) => ChaCha20Rng::seed_from_u64(seed),
@@ -562,11 +580,16 @@ impl Coordinator {
                     abandoned_in_a_row,
                     "giving up after too many abandoned rounds"
                 );
-                return Ok(());
+                return Ok(format!("{abandoned_in_a_row} rounds abandoned in a row"));
             }
 
             self.wait_for_nodes(config.rounds.min_nodes).await;
-            let round_id = self.open_round(&mut rng);
+            let sampling_rate =
+                NodeLevelDp::sampling_rate(config.rounds.cohort_size, self.lock().connected());
+            if let Some(spent) = self.node_budget_exhausted(sampling_rate)? {
+                return Ok(spent);
+            }
+            let round_id = self.open_round(&mut rng, sampling_rate);
             let span = info_span!("round", round = round_id);
             let published = async {
                 self.wait_for_answers().await;
@@ -581,7 +604,32 @@ impl Coordinator {
                 abandoned_in_a_row += 1;
             }
         }
-        Ok(())
+        Ok(format!("all {} rounds published", config.rounds.total))
+    }
+
+    /// Why no further round may be published under the node-level budget, if that is so.
+    fn node_budget_exhausted(&self, sampling_rate: f64) -> Result<Option<String>, Error> {
+        let Some(node_dp) = &self.shared.node_dp else {
+            return Ok(None);
+        };
+        let node_dp = lock(node_dp);
+        let charge = node_dp.charge(sampling_rate)?;
+        if charge.within_budget {
+            return Ok(None);
+        }
+        let spent = node_dp.spent()?.epsilon;
+        let budget = node_dp.settings().epsilon;
+        warn!(
+            spent,
+            budget,
+            next = charge.record.epsilon,
+            "node-level privacy budget reached"
+        );
+        Ok(Some(format!(
+            "node-level privacy budget reached: epsilon {spent:.4} spent of {budget}, one more \
+             round would bring it to {:.4}",
+            charge.record.epsilon
+        )))
     }
 
     async fn wait_for_nodes(&self, min_nodes: usize) {
@@ -602,22 +650,30 @@ impl Coordinator {
         }
     }
 
-    fn open_round(&self, rng: &mut ChaCha20Rng) -> u64 {
+    fn open_round(&self, rng: &mut ChaCha20Rng, sampling_rate: f64) -> u64 {
         let config = &self.shared.config;
         let mut state = self.lock();
         let mut candidates: Vec<NodeId> = state.connected_nodes();
         candidates.sort();
-        let cohort_size = match config.rounds.cohort_size {
-            0 => candidates.len(),
-            n => n.min(candidates.len()),
-        };
-        // Partial Fisher-Yates with raw words; the modulo bias of a 64-bit word over a few
-        // thousand candidates is below 2^-50.
-        for i in 0..cohort_size {
-            let j = i + (rng.next_u64() % (candidates.len() - i) as u64) as usize;
-            candidates.swap(i, j);
+        if self.shared.node_dp.is_some() && sampling_rate < 1.0 {
+            // The node-level accountant assumes each node is drawn independently (Poisson
+            // sampling), so the cohort size varies from round to round.
+            let threshold = (sampling_rate * 2f64.powi(64)) as u64;
+            candidates.retain(|_| rng.next_u64() < threshold);
+        } else {
+            let cohort_size = match config.rounds.cohort_size {
+                0 => candidates.len(),
+                n => n.min(candidates.len()),
+            };
+            // Partial Fisher-Yates with raw words; the modulo bias of a 64-bit word over a
+            // few thousand candidates is below 2^-50.
+            for i in 0..cohort_size {
+                let j = i + (rng.next_u64() % (candidates.len() - i) as u64) as usize;
+                candidates.swap(i, j);
+            }
+            candidates.truncate(cohort_size);
         }
-        candidates.truncate(cohort_size);
+        let cohort_size = candidates.len();
 
         let id = state.next_round;
         state.next_round += 1;
@@ -626,6 +682,7 @@ impl Coordinator {
             id,
             model_version,
             deadline: Instant::now() + config.round_deadline(),
+            sampling_rate,
             members: candidates
                 .into_iter()
                 .map(|n| (n, Outcome::Pending))
@@ -700,26 +757,26 @@ impl Coordinator {
             return Ok(false);
         }
 
-        let contributions: Vec<Contribution> = submissions
-            .iter()
-            .map(|(_, s)| Contribution {
-                weight: s.header.num_examples,
-                delta: s.delta.clone(),
-            })
-            .collect();
         let mut optimizer = self.lock().optimizer.clone();
-        let aggregated = strategy::weighted_mean(global.params.len(), &contributions)
-            .and_then(|mean| optimizer.apply(&global.params, &mean));
-        let params = match aggregated {
+        let (mean, node_privacy) =
+            match self.mean_update(&global, &submissions, round.sampling_rate) {
+                Ok(aggregate) => aggregate,
+                Err(reason) => {
+                    self.abandon(round.id, &reason);
+                    return Ok(false);
+                }
+            };
+        let params = match optimizer.apply(&global.params, &mean) {
             Ok(params) => params,
             Err(e) => {
                 self.abandon(round.id, &e.to_string());
                 return Ok(false);
             }
         };
-        drop(contributions);
+        drop(mean);
 
-        let draft = self.draft(round.id, &global.manifest, &submissions);
+        let mut draft = self.draft(round.id, &global.manifest, &submissions);
+        draft.node_privacy = node_privacy.clone();
         let store = self.store();
         let manifest =
             tokio::task::spawn_blocking(move || store.publish(draft, &params).map(|m| (m, params)))
@@ -744,9 +801,57 @@ impl Coordinator {
             state.rounds_completed += 1;
             state.optimizer = optimizer;
         }
+        if let (Some(node_dp), Some(record)) = (&self.shared.node_dp, &node_privacy) {
+            lock(node_dp).commit(record);
+            info!(
+                epsilon = record.epsilon,
+                delta = record.delta,
+                "node-level privacy charged"
+            );
+        }
         let _ = self.shared.published.send(manifest);
         self.notify();
         Ok(true)
+    }
+
+    /// The update to apply to the global model: the example-weighted mean, or with
+    /// node-level DP the clipped, noised, unweighted mean and what publishing it costs. An
+    /// error is a reason to abandon the round.
+    fn mean_update(
+        &self,
+        global: &GlobalModel,
+        submissions: &[(NodeId, Submission)],
+        sampling_rate: f64,
+    ) -> Result<(Vec<f64>, Option<NodePrivacy>), String> {
+        let dim = global.params.len();
+        let Some(node_dp) = &self.shared.node_dp else {
+            let contributions: Vec<Contribution> = submissions
+                .iter()
+                .map(|(_, s)| Contribution {
+                    weight: s.header.num_examples,
+                    delta: s.delta.clone(),
+                })
+                .collect();
+            let mean = strategy::weighted_mean(dim, &contributions).map_err(|e| e.to_string())?;
+            return Ok((mean, None));
+        };
+
+        // Weighting by example counts would let one node's self-reported count scale its
+        // influence past the clipping bound, so node-level DP averages uniformly.
+        let mut node_dp = lock(node_dp);
+        let charge = node_dp.charge(sampling_rate).map_err(|e| e.to_string())?;
+        if !charge.within_budget {
+            return Err(format!(
+                "publishing would bring node-level epsilon to {:.4}, over the budget {}",
+                charge.record.epsilon,
+                node_dp.settings().epsilon
+            ));
+        }
+        let updates: Vec<&[f32]> = submissions.iter().map(|(_, s)| &s.delta[..]).collect();
+        let mean = node_dp
+            .noised_mean(dim, &updates)
+            .map_err(|e| e.to_string())?;
+        Ok((mean, Some(charge.record)))
     }
 
     fn draft(
@@ -904,4 +1009,11 @@ fn new_session_token() -> String {
         rand::rng().fill_bytes(&mut bytes);
     }
     hex::encode(bytes)
+}
+
+/// Locks a mutex whose holders never leave it inconsistent, so a poisoned lock is still used.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -8,6 +8,7 @@ use athanor_coordinator::store::{
     DatasetFingerprint, Epsilon, ExamplePrivacy, Manifest, ManifestDraft, ModelStore, NodePrivacy,
     StoreError, VersionStatus,
 };
+use athanor_core::accountant::{Accountant, Step};
 use athanor_core::model::{Architecture, ModelSpec};
 use safetensors::{Dtype, SafeTensors};
 use sha2::{Digest, Sha256};
@@ -73,6 +74,14 @@ fn trained_draft(spec: ModelSpec, parent: u64) -> ManifestDraft {
             epsilon: 2.5,
             delta: 1e-6,
             noise_multiplier: 1.1,
+            update_clip_norm: 0.5,
+            sampling_rate: 1.0,
+            accountant: Accountant::Rdp,
+            history: vec![Step {
+                q: 1.0,
+                sigma: 1.1,
+                count: 3,
+            }],
         }),
         dataset_fingerprints: vec![DatasetFingerprint {
             node: "clinic-a".to_owned(),
@@ -663,6 +672,8 @@ fn manifest_json_has_stable_field_names() {
     assert_eq!(json["example_privacy"]["max_epsilon"], "inf");
     assert_eq!(json["example_privacy"]["delta"], serde_json::Value::Null);
     assert_eq!(json["node_privacy"]["noise_multiplier"], 1.1);
+    assert_eq!(json["node_privacy"]["accountant"], "rdp");
+    assert_eq!(json["node_privacy"]["history"][0]["count"], 3);
     assert_eq!(json["dataset_fingerprints"][0]["rows"], 120);
     assert_eq!(json["model"]["kind"], "mlp");
     assert_eq!(json["model"]["hidden"], 4);

@@ -39,8 +39,9 @@ use std::path::{Path, PathBuf};
 
 use athanor_coordinator::CoordinatorConfig;
 use athanor_coordinator::config::{
-    DpSwitch, FederationSection, ModelSection, PrivacySection as CoordinatorPrivacy, RoundsSection,
-    ServerSection, StoreSection, StrategySection, TrainingSection,
+    DpSwitch, FederationSection, ModelSection, NodePrivacySection,
+    PrivacySection as CoordinatorPrivacy, RoundsSection, ServerSection, StoreSection,
+    StrategySection, TrainingSection,
 };
 use athanor_node::NodeConfig;
 use athanor_node::config::{CoordinatorSection, DataSection, NodeSection, PrivacySection};
@@ -69,6 +70,9 @@ pub struct SimConfig {
     pub strategy: StrategySection,
     /// Example-level privacy for every node.
     pub privacy: SimPrivacySection,
+    /// Node-level DP of the published models, as for the coordinator.
+    #[serde(default)]
+    pub node_privacy: Option<NodePrivacySection>,
 }
 
 /// `[simulation]`.
@@ -259,6 +263,12 @@ impl SimConfig {
                 clip_norm: self.privacy.clip_norm,
                 noise_multiplier: self.privacy.noise_multiplier,
             },
+            node_privacy: self.node_privacy.clone().map(|mut node| {
+                if self.simulation.reproducible && node.insecure_noise_seed.is_none() {
+                    node.insecure_noise_seed = Some(self.simulation.seed);
+                }
+                node
+            }),
         }
     }
 

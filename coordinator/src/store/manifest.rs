@@ -24,7 +24,9 @@
 //!   "contributors": 12,
 //!   "metrics": { "train_loss": 0.41 },
 //!   "example_privacy": { "max_epsilon": "inf", "delta": null },
-//!   "node_privacy": { "epsilon": 2.5, "delta": 1e-5, "noise_multiplier": 1.1 },
+//!   "node_privacy": { "epsilon": 2.5, "delta": 1e-5, "noise_multiplier": 1.1,
+//!                     "update_clip_norm": 0.5, "sampling_rate": 1.0, "accountant": "rdp",
+//!                     "history": [ { "q": 1.0, "sigma": 1.1, "count": 3 } ] },
 //!   "dataset_fingerprints": [ { "node": "clinic-a", "sha256": "9f2c…", "rows": 5120 } ],
 //!   "weights_sha256": "3b41…",
 //!   "code_version": "0.1.0"
@@ -34,6 +36,7 @@
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use athanor_core::accountant::{Accountant, Step};
 use athanor_core::model::ModelSpec;
 use serde::{Deserialize, Serialize};
 
@@ -181,7 +184,10 @@ impl From<Epsilon> for EpsilonRepr {
 }
 
 /// Node-level privacy of the published models, from the coordinator's own accounting.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+///
+/// The full history of published rounds is kept so that a restarted coordinator, or an
+/// auditor holding only this manifest, can recompute `epsilon` with any accountant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodePrivacy {
     /// Epsilon spent by all published rounds up to and including this version.
     pub epsilon: f64,
@@ -189,6 +195,14 @@ pub struct NodePrivacy {
     pub delta: f64,
     /// Noise multiplier of the round that produced this version.
     pub noise_multiplier: f64,
+    /// L2 bound on each node's update in the round that produced this version.
+    pub update_clip_norm: f64,
+    /// Probability with which each connected node was sampled into that round's cohort.
+    pub sampling_rate: f64,
+    /// The accountant that computed `epsilon`.
+    pub accountant: Accountant,
+    /// Every published round's mechanism, merged where consecutive rounds were alike.
+    pub history: Vec<Step>,
 }
 
 /// One node's report of the data it trained on.
@@ -275,6 +289,20 @@ impl ManifestDraft {
                 node.noise_multiplier
             );
             return invalid("node_privacy.noise_multiplier".to_owned(), reason);
+        }
+        if !(node.update_clip_norm.is_finite() && node.update_clip_norm > 0.0) {
+            let reason = format!("{} is not a positive number", node.update_clip_norm);
+            return invalid("node_privacy.update_clip_norm".to_owned(), reason);
+        }
+        if !(node.sampling_rate > 0.0 && node.sampling_rate <= 1.0) {
+            let reason = format!("{} is not in (0, 1]", node.sampling_rate);
+            return invalid("node_privacy.sampling_rate".to_owned(), reason);
+        }
+        if node.history.iter().any(|step| {
+            !(step.q > 0.0 && step.q <= 1.0 && step.sigma.is_finite() && step.sigma > 0.0)
+        }) {
+            let reason = "a step has q outside (0, 1] or a non-positive sigma".to_owned();
+            return invalid("node_privacy.history".to_owned(), reason);
         }
         Ok(())
     }
