@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod accountant;
+pub mod audit;
 pub mod dpsgd;
 pub mod model;
 pub mod noise;
