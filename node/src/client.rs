@@ -17,6 +17,7 @@ use tonic::transport::Channel;
 
 use crate::Error;
 use crate::data::Fingerprint;
+use crate::ledger::Receipt;
 
 /// What the coordinator said when this node joined.
 #[derive(Debug, Clone)]
@@ -54,10 +55,14 @@ pub enum Work {
 }
 
 /// An update and what the node reports with it.
-#[derive(Debug, Clone)]
+///
+/// It cannot be built without the [`Receipt`] of the ledger entry that records the round's
+/// privacy spending, so an update never leaves before its cost is on disk. The round it is
+/// sent for is the receipt's.
+#[derive(Debug)]
 pub struct Update<'a> {
-    /// The round.
-    pub round: u64,
+    /// Proof that the round's spending is recorded.
+    pub paid: Receipt,
     /// Version trained from.
     pub model_version: u64,
     /// Local training rows (the aggregation weight).
@@ -233,7 +238,7 @@ impl CoordinatorClient {
     pub async fn submit_update(&mut self, session: &str, update: Update<'_>) -> Result<(), Error> {
         let header = pb::UpdateHeader {
             session: session.to_string(),
-            round: update.round,
+            round: update.paid.round(),
             model_version: update.model_version,
             num_examples: update.num_examples,
             num_params: update.delta.len() as u64,

@@ -1,9 +1,18 @@
 //! The node's configuration file.
 //!
 //! Written by the organization running the node. Besides where the coordinator and the data
-//! are, it holds the privacy floor: the weakest DP-SGD parameters this node will accept,
-//! whatever a coordinator asks. Unknown keys are errors; relative paths are resolved
-//! against the file's directory.
+//! are, it holds the node's privacy settings: the floor, the weakest DP-SGD parameters this
+//! node will accept whatever a coordinator asks, and the budget, the total epsilon its data
+//! may ever spend (see [`crate::budget`]), recorded in a ledger file ([`crate::ledger`]).
+//! The budget has no default: the operator writes it down. Unknown keys are errors; relative
+//! paths are resolved against the file's directory.
+//!
+//! The ledger lives by default next to the data, as `<data file name>.privacy-ledger.jsonl`
+//! (for `adult_train.csv.gz`, `adult_train.csv.gz.privacy-ledger.jsonl`). It belongs to the
+//! data rather than to the node's name, because the budget protects the people in the data:
+//! renaming the node keeps its history. `[privacy] ledger` puts it elsewhere, for instance
+//! when the data directory is read-only; moving or deleting the file forgets the history, so
+//! back it up with the data.
 //!
 //! ```toml
 //! [node]
@@ -17,7 +26,9 @@
 //! schema = "adult.schema.toml"
 //!
 //! [privacy]
+//! epsilon = 3.0
 //! delta = 1e-5
+//! accountant = "rdp"
 //! min_noise_multiplier = 0.8
 //! max_clip_norm = 5.0
 //! max_sampling_rate = 0.1
@@ -25,10 +36,15 @@
 
 use std::path::{Path, PathBuf};
 
+use athanor_core::accountant::Accountant;
 use athanor_core::plan::RoundPlan;
 use serde::Deserialize;
 
 use crate::Error;
+use crate::budget::Budget;
+
+/// Appended to the data file's name to name the default ledger.
+const LEDGER_SUFFIX: &str = ".privacy-ledger.jsonl";
 
 /// A validated node configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -40,8 +56,7 @@ pub struct NodeConfig {
     pub coordinator: CoordinatorSection,
     /// The local data.
     pub data: DataSection,
-    /// The privacy floor.
-    #[serde(default)]
+    /// The privacy budget and floor.
     pub privacy: PrivacySection,
 }
 
@@ -88,13 +103,23 @@ fn default_test_fraction() -> f64 {
     0.2
 }
 
-/// `[privacy]`: the floor below which this node refuses to train.
+/// `[privacy]`: the budget this node's data may spend, and the floor below which this node
+/// refuses to train.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrivacySection {
-    /// The delta at which the node reports its epsilon.
+    /// The total example-level epsilon, at `delta`, that every round this node ever trains
+    /// may spend together. Required, positive and finite in a file.
+    pub epsilon: f64,
+    /// The delta of the budget and of every epsilon the node reports.
     #[serde(default = "default_delta")]
     pub delta: f64,
+    /// How the ledger's entries are composed: `"rdp"` (default) or `"pld"` (tighter, slower).
+    #[serde(default)]
+    pub accountant: Accountant,
+    /// The ledger file; by default next to the data file (see the module's documentation).
+    #[serde(default)]
+    pub ledger: Option<PathBuf>,
     /// Smallest noise multiplier accepted.
     #[serde(default = "default_min_noise")]
     pub min_noise_multiplier: f64,
@@ -122,18 +147,6 @@ fn default_max_q() -> f64 {
     0.25
 }
 
-impl Default for PrivacySection {
-    fn default() -> Self {
-        PrivacySection {
-            delta: default_delta(),
-            min_noise_multiplier: default_min_noise(),
-            max_clip_norm: default_max_clip(),
-            max_sampling_rate: default_max_q(),
-            insecure_allow_no_dp: false,
-        }
-    }
-}
-
 impl NodeConfig {
     /// Reads and validates a config file, resolving relative paths against its directory.
     ///
@@ -146,12 +159,31 @@ impl NodeConfig {
         })?;
         let mut config = Self::parse(&text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for file in [&mut config.data.path, &mut config.data.schema] {
+        let files = [&mut config.data.path, &mut config.data.schema]
+            .into_iter()
+            .chain(config.privacy.ledger.as_mut());
+        for file in files {
             if file.is_relative() {
                 *file = base.join(&*file);
             }
         }
         Ok(config)
+    }
+
+    /// The privacy ledger file: `[privacy] ledger`, or `<data file name>.privacy-ledger.jsonl`
+    /// next to the data file.
+    pub fn ledger_path(&self) -> PathBuf {
+        if let Some(path) = &self.privacy.ledger {
+            return path.clone();
+        }
+        let mut name = self
+            .data
+            .path
+            .file_name()
+            .unwrap_or(self.data.path.as_os_str())
+            .to_os_string();
+        name.push(LEDGER_SUFFIX);
+        self.data.path.with_file_name(name)
     }
 
     /// Parses and validates config text; `origin` names it in errors.
@@ -193,6 +225,12 @@ impl NodeConfig {
             return Err(format!("[data] test_fraction must be in [0, 1), got {t}"));
         }
         let p = &self.privacy;
+        if !(p.epsilon.is_finite() && p.epsilon > 0.0) {
+            return Err(format!(
+                "[privacy] epsilon, the node's total budget, must be positive and finite, got {}",
+                p.epsilon
+            ));
+        }
         if !(p.delta > 0.0 && p.delta < 1.0) {
             return Err(format!(
                 "[privacy] delta must be in (0, 1), got {}",
@@ -222,6 +260,16 @@ impl NodeConfig {
 }
 
 impl PrivacySection {
+    /// The budget these settings describe.
+    pub fn budget(&self) -> Budget {
+        Budget {
+            epsilon: self.epsilon,
+            delta: self.delta,
+            accountant: self.accountant,
+            insecure_allow_no_dp: self.insecure_allow_no_dp,
+        }
+    }
+
     /// Checks a coordinator's plan against this floor for a node holding `rows` examples.
     ///
     /// # Errors

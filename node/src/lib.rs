@@ -1,16 +1,22 @@
 //! The Athanor node: runs next to an organization's data, trains locally with DP-SGD and
 //! sends only clipped, noised updates to the coordinator.
 //!
-//! - [`config`]: the node's TOML configuration and privacy floor;
+//! - [`config`]: the node's TOML configuration: privacy budget and floor;
 //! - [`data`]: loading and validating local CSV data against a schema of public bounds;
+//! - [`ledger`]: the file on disk that records every round's privacy spending;
+//! - [`budget`]: the check that keeps every round within the operator's budget;
 //! - [`client`]: the wire protocol, seen from the node;
-//! - [`worker`]: the main loop (join, poll, train, submit).
+//! - [`worker`]: the main loop (join, poll, check, train, record, submit);
+//! - [`calculator`]: the `privacy` command-line calculator, shared with the simulator.
 
 #![warn(missing_docs)]
 
+pub mod budget;
+pub mod calculator;
 pub mod client;
 pub mod config;
 pub mod data;
+pub mod ledger;
 pub mod worker;
 
 use std::path::PathBuf;
@@ -60,6 +66,9 @@ pub enum Error {
     /// Privacy accounting failed.
     #[error("privacy accounting: {0}")]
     Accountant(#[from] athanor_core::accountant::AccountantError),
+    /// The privacy ledger cannot be read or written; the node does not train without it.
+    #[error(transparent)]
+    Ledger(#[from] ledger::LedgerError),
 }
 
 /// A status in words a node operator can act on.

@@ -4,6 +4,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use athanor_node::budget::Summary;
+use athanor_node::calculator::PrivacyCommand;
+use athanor_node::ledger::Ledger;
 use athanor_node::{Node, NodeConfig, Randomness};
 use clap::{Parser, Subcommand};
 use tonic::transport::Endpoint;
@@ -28,12 +31,27 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Load and validate the configured data without contacting anyone, and print a summary.
+    /// Load and validate the configured data and privacy ledger without contacting anyone,
+    /// and print a summary. Creates an empty ledger if there is none, as `run` would.
     Check {
         /// Node configuration file (TOML).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Show the privacy ledger: rounds recorded, epsilon spent, budget and what remains.
+    /// Reads the ledger without changing it.
+    Budget {
+        /// Node configuration file (TOML); its [privacy] section names the budget, the
+        /// accountant and the ledger.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Privacy calculator: the epsilon of a DP-SGD run, or the noise a target epsilon needs.
+    #[command(subcommand)]
+    Privacy(PrivacyCommand),
 }
 
 fn main() -> ExitCode {
@@ -59,12 +77,83 @@ fn run(cli: Cli) -> Result<()> {
         Command::Run { config } => run_node(config),
         Command::Check { config } => {
             let config = load(&config)?;
+            let budget = config.privacy.budget();
             let node = Node::load(config, Randomness::OperatingSystem)
-                .context("loading the node's data")?;
+                .context("loading the node's data and privacy ledger")?;
             println!("{}", node.describe_data());
+            let spent = node.spent().context("composing the privacy ledger")?;
+            println!(
+                "privacy ledger {}: {} entries, epsilon {:.4} of a budget of {} at delta {:e}",
+                node.ledger().path().display(),
+                node.ledger().entries().len(),
+                spent.epsilon,
+                budget.epsilon,
+                budget.delta
+            );
+            Ok(())
+        }
+        Command::Budget { config, json } => show_budget(&config, json),
+        Command::Privacy(query) => {
+            println!("{}", query.run()?);
             Ok(())
         }
     }
+}
+
+fn show_budget(path: &Path, json: bool) -> Result<()> {
+    let config = load(path)?;
+    let budget = config.privacy.budget();
+    let contents = Ledger::read(config.ledger_path())?;
+    let summary = budget
+        .summary(&contents)
+        .context("composing the privacy ledger")?;
+    if json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        print!("{}", describe(&summary));
+    }
+    Ok(())
+}
+
+/// The ledger summary as aligned lines of text.
+fn describe(s: &Summary) -> String {
+    let epsilon = |e: f64| {
+        if e.is_finite() {
+            format!("{e:.4}")
+        } else {
+            "unbounded".to_string()
+        }
+    };
+    let created = if s.exists { "" } else { " (not created yet)" };
+    let order = s
+        .order
+        .map_or(String::new(), |o| format!(", best order {o}"));
+    let mut text = format!(
+        "ledger      {}{created}\n\
+         entries     {} ({} rounds, {} steps)\n\
+         spent       epsilon {} at delta {:e} ({}{order})\n\
+         budget      epsilon {}\n\
+         remaining   epsilon {}\n",
+        s.ledger.display(),
+        s.entries,
+        s.rounds,
+        s.steps,
+        epsilon(s.spent),
+        s.delta,
+        athanor_node::budget::name(s.accountant),
+        epsilon(s.budget),
+        epsilon(s.remaining),
+    );
+    if s.trained_without_dp {
+        text.push_str("note        a round was trained without DP: the budget is spent\n");
+    }
+    if let Some(line) = s.torn_last_line {
+        text.push_str(&format!(
+            "note        line {line} was cut short by an interrupted write and does not count; \
+             the node drops it when it next starts\n"
+        ));
+    }
+    text
 }
 
 fn load(path: &Path) -> Result<NodeConfig> {
@@ -74,8 +163,9 @@ fn load(path: &Path) -> Result<NodeConfig> {
 fn run_node(path: PathBuf) -> Result<()> {
     let config = load(&path)?;
     let address = config.coordinator.address.clone();
-    let node = Node::load(config, Randomness::OperatingSystem)
-        .context("loading the node's data; the node does not start on bad data")?;
+    let node = Node::load(config, Randomness::OperatingSystem).context(
+        "loading the node's data and privacy ledger; the node does not start if either is bad",
+    )?;
 
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {

@@ -1,18 +1,21 @@
 //! The node's main loop.
 //!
-//! Join, long-poll for work, and for each task: check the plan against this node's privacy
-//! floor (declining with a reason if it falls short), fetch the global model, train locally
-//! with DP-SGD, charge the accountant, and submit the update. When the coordinator cannot be
-//! reached the node says which address and why, and retries with exponential backoff capped
-//! at `max_backoff_secs`; it never retries silently.
+//! The node opens its privacy ledger when it is created and recomputes what its data has
+//! spent; a damaged ledger stops it there. Then: join, long-poll for work, and for each task
+//! check the plan against this node's privacy floor and against what is left of its budget
+//! ([`Node::review`]), declining with a reason if it falls short; fetch the global model,
+//! train locally with DP-SGD, record the round in the ledger and sync it to disk
+//! ([`Node::pay`]), and only then submit the update, which needs the ledger's receipt. When
+//! the coordinator cannot be reached the node says which address and why, and retries with
+//! exponential backoff capped at `max_backoff_secs`; it never retries silently.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use athanor_core::accountant::RdpAccountant;
 use athanor_core::dpsgd::{self, DpSgdParams, TrainingPlan};
 use athanor_core::model::{self, ModelSpec};
+use athanor_core::plan::RoundPlan;
 use ndarray::ArrayView2;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -21,9 +24,11 @@ use tonic::transport::Channel;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Error;
+use crate::budget::{Approval, Budget, Review, Spent};
 use crate::client::{CoordinatorClient, Session, Task, Update, Work};
 use crate::config::NodeConfig;
 use crate::data::Dataset;
+use crate::ledger::{Ledger, Receipt, Tail};
 
 /// First pause after a failed connection attempt.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -58,17 +63,20 @@ pub struct Node {
     train: Arc<Dataset>,
     test: Dataset,
     rng: ChaCha20Rng,
-    accountant: RdpAccountant,
-    trained_without_dp: bool,
+    ledger: Ledger,
+    budget: Budget,
     rounds_trained: u64,
     rounds_declined: u64,
 }
 
 impl Node {
-    /// A node over already-loaded training and local test data.
+    /// A node over already-loaded training and local test data. Opens (or creates) the
+    /// configured privacy ledger and reports what it holds.
     ///
     /// # Errors
-    /// [`Error::Training`] if the operating system's generator fails.
+    /// [`Error::Ledger`] when the ledger cannot be opened or is damaged, naming the file and
+    /// line; [`Error::Accountant`] if its entries cannot be composed; [`Error::Training`] if
+    /// the operating system's generator fails.
     pub fn new(
         config: NodeConfig,
         train: Dataset,
@@ -79,13 +87,49 @@ impl Node {
             Randomness::OperatingSystem => dpsgd::try_os_seeded_rng()?,
             Randomness::InsecureFixedSeed(seed) => ChaCha20Rng::seed_from_u64(seed),
         };
+
+        let ledger = Ledger::open(config.ledger_path())?;
+        let budget = config.privacy.budget();
+        match ledger.tail() {
+            Tail::Clean => {}
+            Tail::Unterminated { line } => warn!(
+                ledger = %ledger.path().display(),
+                line,
+                "the ledger's last entry had no newline (an interrupted write); it is kept"
+            ),
+            Tail::Torn { line, bytes } => warn!(
+                ledger = %ledger.path().display(),
+                line,
+                bytes,
+                "the ledger's last line was cut short by an interrupted write; its update was \
+                 never sent, so it was dropped"
+            ),
+        }
+        let spent = budget.spent(ledger.entries())?;
+        info!(
+            ledger = %ledger.path().display(),
+            entries = ledger.entries().len(),
+            epsilon = spent.epsilon,
+            budget = budget.epsilon,
+            delta = budget.delta,
+            accountant = crate::budget::name(budget.accountant),
+            "privacy ledger loaded"
+        );
+        if spent.epsilon >= budget.epsilon {
+            warn!(
+                epsilon = spent.epsilon,
+                budget = budget.epsilon,
+                "the privacy budget is spent: this node will decline every round with DP"
+            );
+        }
+
         Ok(Node {
             config,
             train: Arc::new(train),
             test,
             rng,
-            accountant: RdpAccountant::new(),
-            trained_without_dp: false,
+            ledger,
+            budget,
             rounds_trained: 0,
             rounds_declined: 0,
         })
@@ -120,16 +164,59 @@ impl Node {
         )
     }
 
-    /// The cumulative example-level epsilon at the configured delta (infinite after any
-    /// round without DP, zero before any training).
+    /// The cumulative example-level epsilon at the configured delta, composed from every
+    /// entry of the ledger (infinite after any round without DP, zero before any training).
     ///
     /// # Errors
     /// [`Error::Accountant`].
     pub fn epsilon(&self) -> Result<f64, Error> {
-        if self.trained_without_dp {
-            return Ok(f64::INFINITY);
+        Ok(self.spent()?.epsilon)
+    }
+
+    /// What the ledger's entries add up to.
+    ///
+    /// # Errors
+    /// [`Error::Accountant`].
+    pub fn spent(&self) -> Result<Spent, Error> {
+        Ok(self.budget.spent(self.ledger.entries())?)
+    }
+
+    /// The privacy ledger.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Decides whether to train a round planned as `plan`: it must clear this node's privacy
+    /// floor, and its steps at this node's own sampling rate must fit in what the ledger
+    /// leaves of the budget.
+    ///
+    /// # Errors
+    /// [`Error::Accountant`] if the composition fails.
+    pub fn review(&self, plan: &RoundPlan) -> Result<Review, Error> {
+        let rows = self.train.rows();
+        if let Err(reason) = self.config.privacy.admit(plan, rows) {
+            return Ok(Review::Declined(reason));
         }
-        Ok(self.accountant.epsilon(self.config.privacy.delta)?.epsilon)
+        let charge = crate::budget::Charge::of(plan, rows);
+        Ok(self.budget.review(self.ledger.entries(), charge)?)
+    }
+
+    /// Records an approved round in the ledger and syncs it to disk. The receipt is what
+    /// allows the round's update to be sent.
+    ///
+    /// # Errors
+    /// [`Error::Ledger`]; the update must then not be sent.
+    pub fn pay(
+        &mut self,
+        approval: Approval,
+        round: u64,
+        federation: &str,
+        coordinator: &str,
+    ) -> Result<Receipt, Error> {
+        // The write and fsync block this thread for a few milliseconds once per round, far
+        // less than the training before it.
+        let entry = approval.into_entry(round, federation, coordinator);
+        Ok(self.ledger.append(entry)?)
     }
 
     /// Works for the coordinator behind `channel` until the federation finishes or `shutdown`
@@ -231,11 +318,14 @@ impl Node {
         task: Task,
     ) -> Result<(), Error> {
         let rows = self.train.rows();
-        if let Err(reason) = self.config.privacy.admit(&task.plan, rows) {
-            warn!(%reason, "declining the round");
-            self.rounds_declined += 1;
-            return client.decline(&session.token, task.round, &reason).await;
-        }
+        let approval = match self.review(&task.plan)? {
+            Review::Approved(approval) => approval,
+            Review::Declined(reason) => {
+                warn!(%reason, "declining the round");
+                self.rounds_declined += 1;
+                return client.decline(&session.token, task.round, &reason).await;
+            }
+        };
 
         let (version, global) = client
             .fetch_model(&session.token, Some(task.model_version), &session.spec)
@@ -247,32 +337,31 @@ impl Node {
             "global model evaluated locally"
         );
 
+        // Train exactly the steps that were checked against the budget.
+        let charge = *approval.charge();
         let plan = TrainingPlan {
             learning_rate: task.plan.learning_rate,
-            steps: task.plan.steps(rows),
-            sampling_rate: task.plan.sampling_rate(rows),
-            privacy: task.plan.dp.map(|dp| DpSgdParams {
+            steps: charge.steps,
+            sampling_rate: charge.q,
+            privacy: charge.dp.map(|dp| DpSgdParams {
                 clip_norm: dp.clip_norm,
                 noise_multiplier: dp.noise_multiplier,
             }),
         };
         let (local, outcome) = self.train_locally(&session.spec, &global, plan).await?;
 
-        // Spending is recorded before the update leaves the node.
-        match plan.privacy {
-            Some(dp) => {
-                self.accountant
-                    .compose(plan.sampling_rate, dp.noise_multiplier, plan.steps)?
-            }
-            None => self.trained_without_dp = true,
-        }
-        let epsilon = self.epsilon()?;
+        // The round's spending is on disk before the update can even be built.
+        let paid = self.pay(approval, task.round, &session.federation, client.address())?;
+        let spent = self.spent()?;
+        let epsilon = spent.epsilon;
         let after = evaluate(&session.spec, &local, &self.test)?;
         info!(
             steps = plan.steps,
             q = plan.sampling_rate,
             epsilon,
             delta = self.config.privacy.delta,
+            budget = self.budget.epsilon,
+            ledger_line = paid.line(),
             local_accuracy = after.0,
             clipped_fraction = outcome.clipped_fraction,
             "trained locally"
@@ -280,16 +369,15 @@ impl Node {
 
         let delta: Vec<f32> = local.iter().zip(&global).map(|(l, g)| l - g).collect();
         let update = Update {
-            round: task.round,
+            paid,
             model_version: version,
             num_examples: rows as u64,
             delta: &delta,
             steps: plan.steps,
             train_loss: outcome.mean_loss.unwrap_or(0.0),
-            privacy: plan
-                .privacy
-                .map(|_| (epsilon, self.config.privacy.delta))
-                .filter(|_| !self.trained_without_dp),
+            // A round without DP, or any earlier one, leaves no finite epsilon to report.
+            privacy: (plan.privacy.is_some() && epsilon.is_finite())
+                .then_some((epsilon, spent.delta)),
         };
         match client.submit_update(&session.token, update).await {
             Ok(()) => {

@@ -43,6 +43,7 @@ use athanor_coordinator::config::{
     PrivacySection as CoordinatorPrivacy, RoundsSection, ServerSection, StoreSection,
     StrategySection, TrainingSection,
 };
+use athanor_core::accountant::Accountant;
 use athanor_node::NodeConfig;
 use athanor_node::config::{CoordinatorSection, DataSection, NodeSection, PrivacySection};
 use serde::Deserialize;
@@ -273,13 +274,14 @@ impl SimConfig {
     }
 
     /// The configuration of virtual node `index`: it accepts exactly what the simulated
-    /// coordinator asks.
-    pub fn node(&self, index: usize) -> NodeConfig {
+    /// coordinator asks, with no limit on its budget, and keeps its privacy ledger in
+    /// `ledgers` as `<node name>.privacy-ledger.jsonl`.
+    pub fn node(&self, index: usize, ledgers: &Path) -> NodeConfig {
         let dp_off = self.privacy.dp == DpSwitch::Off;
+        let id = node_name(index);
+        let ledger = ledgers.join(format!("{id}.privacy-ledger.jsonl"));
         NodeConfig {
-            node: NodeSection {
-                id: node_name(index),
-            },
+            node: NodeSection { id },
             coordinator: CoordinatorSection {
                 address: "http://in-memory.invalid".into(),
                 max_backoff_secs: 1,
@@ -291,7 +293,12 @@ impl SimConfig {
                 split_seed: 0,
             },
             privacy: PrivacySection {
+                // Virtual nodes record what they spend but are held to no budget: the
+                // simulator reports the epsilon a configuration reaches.
+                epsilon: f64::INFINITY,
                 delta: self.privacy.delta,
+                accountant: Accountant::Rdp,
+                ledger: Some(ledger),
                 min_noise_multiplier: self.privacy.noise_multiplier.unwrap_or(1.0),
                 max_clip_norm: self.privacy.clip_norm.unwrap_or(1.0),
                 max_sampling_rate: 1.0,

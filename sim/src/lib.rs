@@ -36,8 +36,8 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
-    /// The output directory already holds a model store.
-    #[error("{} already holds a model store; choose a new --out directory", .0.display())]
+    /// The output directory already holds a model store or node ledgers from another run.
+    #[error("{} already holds results of another run; choose a new --out directory", .0.display())]
     OutputExists(PathBuf),
     /// The data does not fit the configured model.
     #[error("{0}")]

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use athanor_node::calculator::PrivacyCommand;
 use athanor_sim::SimConfig;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -19,15 +20,19 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a simulated federation and write rounds.csv, summary.json and the model store.
+    /// Run a simulated federation and write rounds.csv, summary.json, the model store and
+    /// every virtual node's privacy ledger (ledgers/).
     Run {
         /// Simulation configuration file (TOML); see examples/ and the README.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
-        /// Output directory (created if missing; must not already hold a store).
+        /// Output directory (created if missing; must not already hold a store or ledgers).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
+    /// Privacy calculator: the epsilon of a DP-SGD run, or the noise a target epsilon needs.
+    #[command(subcommand)]
+    Privacy(PrivacyCommand),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +75,10 @@ fn run(cli: Cli) -> Result<()> {
                 summary.store.display(),
                 summary.seconds
             );
+            Ok(())
+        }
+        Command::Privacy(query) => {
+            println!("{}", query.run()?);
             Ok(())
         }
     }

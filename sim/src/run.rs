@@ -2,7 +2,8 @@
 //!
 //! Loads the dataset once, partitions it, starts the real coordinator server on an in-memory
 //! network and one real [`athanor_node::Node`] per share, then follows the published versions:
-//! each is evaluated on the held-out test set and written to `rounds.csv` as it arrives.
+//! each is evaluated on the held-out test set and written to `rounds.csv` as it arrives. Each
+//! node keeps its privacy ledger in `ledgers/` under the output directory.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -86,6 +87,11 @@ pub async fn run(config: SimConfig, out: &Path) -> Result<Summary, Error> {
     if store_dir.join("versions").exists() {
         return Err(Error::OutputExists(store_dir));
     }
+    // Ledgers left by an earlier run would be counted as this run's spending.
+    let ledgers = out.join("ledgers");
+    if ledgers.exists() {
+        return Err(Error::OutputExists(ledgers));
+    }
 
     let (train, test) = load_data(&config).await?;
     let shares = partition(
@@ -132,7 +138,7 @@ pub async fn run(config: SimConfig, out: &Path) -> Result<Summary, Error> {
         };
         let share = train.subset(rows);
         let local_test = share.subset(&[]);
-        let node = Node::new(config.node(index), share, local_test, randomness)?;
+        let node = Node::new(config.node(index, &ledgers), share, local_test, randomness)?;
         let channel = network.channel();
         nodes.push(tokio::spawn(node.run(channel, std::future::pending())));
     }

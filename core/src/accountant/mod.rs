@@ -84,6 +84,7 @@
 //! and no RDP to `(ε, δ)` conversion, so these are implemented here from the papers above. `tests/reference/` holds values from
 //! Google's dp-accounting 0.6.0 that the tests compare against.
 
+pub mod calculator;
 mod calibrate;
 mod fft;
 mod pld;
