@@ -12,3 +12,4 @@ pub mod model;
 pub mod noise;
 pub mod params;
 pub mod plan;
+pub mod secagg;
