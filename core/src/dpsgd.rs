@@ -45,8 +45,10 @@
 //!
 //! # Caveats
 //!
-//! - The noise is sampled in floating point; see [`crate::noise`] for the precision attacks
-//!   that leaves open.
+//! - The noise is a discrete Gaussian on a fine grid, added to the clipped sum rounded to that
+//!   grid, so that the release depends on the sum through integer arithmetic only (see
+//!   [`crate::noise`]); the rounding raises the sensitivity by a relative
+//!   `sigma sqrt(d) / 2^19.67` for `d` parameters, which the accounting does not include.
 //! - Clipping is exact in real arithmetic only: after `f32` rounding an example's contribution
 //!   may exceed `C` by a relative error of order `1e-6`, which the accounting does not include.
 //! - An example whose gradient norm is not a number (diverged parameters) is dropped from the

@@ -74,7 +74,10 @@ async fn manifests_account_every_round_and_publishing_stops_at_the_budget() {
     let config = SimConfig::parse(&config(budget), Path::new("node_privacy.toml")).unwrap();
 
     let summary = athanor_sim::run::run(config, out.path()).await.unwrap();
-    assert_eq!(summary.versions_published, 4, "the initial model and three rounds");
+    assert_eq!(
+        summary.versions_published, 4,
+        "the initial model and three rounds"
+    );
 
     let store = ModelStore::open(out.path().join("store")).unwrap();
     let mut rounds = 0;
@@ -112,8 +115,11 @@ async fn manifests_account_every_round_and_publishing_stops_at_the_budget() {
 
 #[test]
 fn a_budget_below_one_round_is_a_configuration_error() {
-    let error = SimConfig::parse(&config(node_epsilon(1) / 2.0), Path::new("node_privacy.toml"))
-        .unwrap_err()
-        .to_string();
+    let error = SimConfig::parse(
+        &config(node_epsilon(1) / 2.0),
+        Path::new("node_privacy.toml"),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(error.contains("[node_privacy]"), "{error}");
 }
