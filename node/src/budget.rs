@@ -26,6 +26,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use athanor_core::accountant::{Accountant, AccountantError, Step};
+use athanor_core::noise::accounted_noise_multiplier;
 use athanor_core::plan::{DpSgdRequest, RoundPlan};
 use serde::Serialize;
 
@@ -56,6 +57,10 @@ pub struct Charge {
     pub steps: u64,
     /// Clipping and noise; `None` for training without DP.
     pub dp: Option<DpSgdRequest>,
+    /// The noise multiplier the accountant is charged with: the plan's, reduced for the
+    /// rounding of the clipped sum to the noise grid
+    /// ([`athanor_core::noise::accounted_noise_multiplier`]).
+    pub charged_sigma: Option<f64>,
 }
 
 /// What the ledger's entries add up to.
@@ -123,13 +128,17 @@ pub struct Summary {
 }
 
 impl Charge {
-    /// What `plan` would cost a node holding `rows` training rows.
-    pub fn of(plan: &RoundPlan, rows: usize) -> Self {
+    /// What `plan` would cost a node holding `rows` training rows, for a model of
+    /// `dimension` parameters.
+    pub fn of(plan: &RoundPlan, rows: usize, dimension: usize) -> Self {
         Charge {
             rows,
             q: plan.sampling_rate(rows),
             steps: plan.steps(rows),
             dp: plan.dp,
+            charged_sigma: plan
+                .dp
+                .map(|dp| accounted_noise_multiplier(dp.noise_multiplier, dimension)),
         }
     }
 }
@@ -149,7 +158,7 @@ impl Budget {
     /// [`AccountantError`] for a delta outside `(0, 1)` or a charge outside the accountant's
     /// domain.
     pub fn review(&self, entries: &[Entry], charge: Charge) -> Result<Review, AccountantError> {
-        let Some(dp) = charge.dp else {
+        let Some(sigma) = charge.charged_sigma else {
             if !self.insecure_allow_no_dp {
                 return Ok(Review::Declined(
                     "the round asks for training without DP, which has no finite epsilon and \
@@ -165,7 +174,7 @@ impl Budget {
 
         let step = Step {
             q: charge.q,
-            sigma: dp.noise_multiplier,
+            sigma,
             count: charge.steps,
         };
         let after = self.compose(entries, Some(step))?;
@@ -187,7 +196,7 @@ impl Budget {
                  node's epsilon from {:.4} to {:.4}, above its budget of {} at delta {:e} ({})",
                 charge.steps,
                 charge.q,
-                dp.noise_multiplier,
+                sigma,
                 self.spent(entries)?.epsilon,
                 after.epsilon,
                 self.epsilon,
@@ -281,7 +290,7 @@ impl Approval {
             time: crate::ledger::now_utc(),
             rows: charge.rows as u64,
             q: charge.q,
-            sigma: charge.dp.map(|dp| dp.noise_multiplier),
+            sigma: charge.charged_sigma,
             clip_norm: charge.dp.map(|dp| dp.clip_norm),
             steps: charge.steps,
         }

@@ -278,12 +278,19 @@ impl CoordinatorClient {
     ///
     /// # Errors
     /// [`Error::Rpc`].
-    pub async fn decline(&mut self, session: &str, round: u64, reason: &str) -> Result<(), Error> {
+    pub async fn decline(
+        &mut self,
+        session: &str,
+        round: u64,
+        reason: &str,
+        leaving: bool,
+    ) -> Result<(), Error> {
         self.inner
             .decline_task(pb::DeclineTaskRequest {
                 session: session.to_string(),
                 round,
                 reason: reason.to_string(),
+                leaving,
             })
             .await
             .map_err(|s| self.rpc_error("DeclineTask", s))?;

@@ -68,7 +68,9 @@ pub struct Entry {
     pub rows: u64,
     /// Poisson sampling rate of every step, in `(0, 1]`.
     pub q: f64,
-    /// Noise multiplier; `None` for a round trained without DP.
+    /// Noise multiplier charged to the accountant: the plan's, reduced for the noise grid's
+    /// rounding (see `athanor_core::noise::accounted_noise_multiplier`); `None` for a round
+    /// trained without DP.
     pub sigma: Option<f64>,
     /// Per-example clipping norm; `None` exactly when `sigma` is.
     pub clip_norm: Option<f64>,

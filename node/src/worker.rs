@@ -188,16 +188,17 @@ impl Node {
 
     /// Decides whether to train a round planned as `plan`: it must clear this node's privacy
     /// floor, and its steps at this node's own sampling rate must fit in what the ledger
-    /// leaves of the budget.
+    /// leaves of the budget. `dimension` is the model's parameter count, which the noise's
+    /// grid rounding makes part of the accounting.
     ///
     /// # Errors
     /// [`Error::Accountant`] if the composition fails.
-    pub fn review(&self, plan: &RoundPlan) -> Result<Review, Error> {
+    pub fn review(&self, plan: &RoundPlan, dimension: usize) -> Result<Review, Error> {
         let rows = self.train.rows();
         if let Err(reason) = self.config.privacy.admit(plan, rows) {
             return Ok(Review::Declined(reason));
         }
-        let charge = crate::budget::Charge::of(plan, rows);
+        let charge = crate::budget::Charge::of(plan, rows, dimension);
         Ok(self.budget.review(self.ledger.entries(), charge)?)
     }
 
@@ -305,7 +306,11 @@ impl Node {
                 }
                 Work::Task(task) => {
                     let span = info_span!("round", round = task.round);
-                    self.handle(client, session, task).instrument(span).await?;
+                    if let Some(reason) =
+                        self.handle(client, session, task).instrument(span).await?
+                    {
+                        return Ok(format!("left the federation: {reason}"));
+                    }
                 }
             }
         }
@@ -316,14 +321,19 @@ impl Node {
         client: &mut CoordinatorClient,
         session: &Session,
         task: Task,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<String>, Error> {
         let rows = self.train.rows();
-        let approval = match self.review(&task.plan)? {
+        let approval = match self.review(&task.plan, session.spec.num_params())? {
             Review::Approved(approval) => approval,
             Review::Declined(reason) => {
-                warn!(%reason, "declining the round");
+                // The plan is the same in every round of a federation, so what rules it out
+                // now rules out every later round too: leave rather than be asked again.
+                warn!(%reason, "declining the round and leaving the federation");
                 self.rounds_declined += 1;
-                return client.decline(&session.token, task.round, &reason).await;
+                client
+                    .decline(&session.token, task.round, &reason, true)
+                    .await?;
+                return Ok(Some(reason));
             }
         };
 
@@ -383,14 +393,14 @@ impl Node {
             Ok(()) => {
                 self.rounds_trained += 1;
                 info!("update submitted");
-                Ok(())
+                Ok(None)
             }
             Err(Error::Rpc { status, .. }) if status.code() == Code::FailedPrecondition => {
                 warn!(
                     reason = status.message(),
                     "update not accepted for this round"
                 );
-                Ok(())
+                Ok(None)
             }
             Err(e) => Err(e),
         }

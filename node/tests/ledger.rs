@@ -8,6 +8,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use athanor_core::accountant::{Accountant, Step};
+use athanor_core::noise::accounted_noise_multiplier;
 use athanor_core::plan::{DpSgdRequest, RoundPlan};
 use athanor_node::budget::{Budget, Review};
 use athanor_node::data::{Dataset, Schema};
@@ -18,6 +19,8 @@ use tempfile::TempDir;
 const DELTA: f64 = 1e-5;
 const FEDERATION: &str = "ledger-tests";
 const COORDINATOR: &str = "https://127.0.0.1:50051";
+/// Parameters of a logistic regression on Adult: 87 features, 2 classes.
+const DIMENSION: usize = 87 * 2 + 2;
 
 fn bundled(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -102,7 +105,7 @@ fn budget_for_two_and_a_half_rounds() -> f64 {
     let steps = plan().steps(rows);
     let step = Step {
         q: plan().sampling_rate(rows),
-        sigma: 1.0,
+        sigma: accounted_noise_multiplier(1.0, DIMENSION),
         count: steps * 5 / 2,
     };
     Accountant::Rdp
@@ -113,7 +116,7 @@ fn budget_for_two_and_a_half_rounds() -> f64 {
 
 /// Reviews `plan` and, if approved, records it as `round` the way the worker does.
 fn try_round(node: &mut Node, round: u64, plan: &RoundPlan) -> Result<(), String> {
-    match node.review(plan).expect("review composes") {
+    match node.review(plan, DIMENSION).expect("review composes") {
         Review::Approved(approval) => {
             let receipt = node
                 .pay(approval, round, FEDERATION, COORDINATOR)
@@ -159,7 +162,7 @@ fn a_budget_of_two_and_a_half_rounds_trains_two_and_declines_the_third() {
     let rows = adult().rows();
     let two_rounds = Step {
         q: plan().sampling_rate(rows),
-        sigma: 1.0,
+        sigma: accounted_noise_multiplier(1.0, DIMENSION),
         count: 2 * plan().steps(rows),
     };
     let expected = Accountant::Rdp.epsilon(&[two_rounds], DELTA).unwrap();
@@ -194,7 +197,7 @@ fn an_entry_is_on_disk_before_pay_returns_its_receipt() {
     let ledger = dir.path().join("ledger.jsonl");
     let mut node = node(config(100.0, &ledger, "")).unwrap();
 
-    let Review::Approved(approval) = node.review(&plan()).unwrap() else {
+    let Review::Approved(approval) = node.review(&plan(), DIMENSION).unwrap() else {
         panic!("a round within a large budget is approved");
     };
     let charge = *approval.charge();
@@ -212,7 +215,12 @@ fn an_entry_is_on_disk_before_pay_returns_its_receipt() {
     assert_eq!(recorded.coordinator, COORDINATOR);
     assert_eq!(recorded.q, charge.q);
     assert_eq!(recorded.steps, charge.steps);
-    assert_eq!(recorded.sigma, Some(1.0));
+    // The plan's sigma, reduced for the noise grid's rounding of the clipped sum.
+    assert_eq!(
+        recorded.sigma,
+        Some(accounted_noise_multiplier(1.0, DIMENSION))
+    );
+    assert!(recorded.sigma.unwrap() < 1.0 && recorded.sigma.unwrap() > 0.9999);
     assert_eq!(recorded.clip_norm, Some(1.0));
     assert_eq!(recorded.rows, adult().rows() as u64);
     assert_eq!(recorded, &node.ledger().entries()[0]);
@@ -409,7 +417,7 @@ fn a_plan_below_the_noise_floor_is_refused() {
     assert_eq!(config.privacy.admit(&plan(), rows), Ok(()));
 
     let node = node(config).unwrap();
-    let Review::Declined(reason) = node.review(&weak).unwrap() else {
+    let Review::Declined(reason) = node.review(&weak, DIMENSION).unwrap() else {
         panic!("the node approved sigma 0.5 below its floor 0.8");
     };
     assert!(reason.contains("floor"), "{reason}");
@@ -423,7 +431,7 @@ fn a_round_without_dp_is_declined_unless_waived_and_then_spends_the_budget() {
 
     let strict = node(config(100.0, &dir.path().join("strict.jsonl"), "")).unwrap();
     assert!(matches!(
-        strict.review(&no_dp).unwrap(),
+        strict.review(&no_dp, DIMENSION).unwrap(),
         Review::Declined(_)
     ));
 
