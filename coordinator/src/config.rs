@@ -10,6 +10,16 @@
 //!
 //! [server]
 //! listen = "127.0.0.1:50051"
+//! # Optional: only these nodes may join, and these may not even though certified.
+//! # allowed_nodes = ["clinic-a", "clinic-b"]
+//! # revoked_nodes = ["clinic-c"]
+//!
+//! # Mutual TLS, the default; the files are those `athanor-coordinator certs init` writes.
+//! # Without this section the coordinator refuses to start unless given --insecure.
+//! [server.tls]
+//! ca = "certs/ca.crt"
+//! cert = "certs/coordinator.crt"
+//! key = "certs/coordinator.key"
 //!
 //! [store]
 //! dir = "store"
@@ -93,6 +103,31 @@ pub struct ServerSection {
     /// Largest model, in parameters, the coordinator will store or accept updates for.
     #[serde(default = "default_max_params")]
     pub max_model_params: usize,
+    /// `[server.tls]`: the files of mutual TLS. Required unless the coordinator is started
+    /// with `--insecure`, which ignores them.
+    #[serde(default)]
+    pub tls: Option<ServerTlsSection>,
+    /// Node ids allowed to join; absent, every node the federation's CA certified may.
+    #[serde(default)]
+    pub allowed_nodes: Option<Vec<String>>,
+    /// Node ids refused although the CA certified them (a lost laptop, an organization that
+    /// left). Takes precedence over `allowed_nodes`.
+    #[serde(default)]
+    pub revoked_nodes: Vec<String>,
+}
+
+/// `[server.tls]`: the coordinator's side of mutual TLS. Relative paths are resolved against
+/// the config file's directory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsSection {
+    /// The federation's CA certificate (PEM): the only issuer whose nodes and operators are
+    /// accepted.
+    pub ca: PathBuf,
+    /// The coordinator's certificate (PEM), covering the names nodes dial.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
 }
 
 fn default_listen() -> SocketAddr {
@@ -108,6 +143,9 @@ impl Default for ServerSection {
         ServerSection {
             listen: default_listen(),
             max_model_params: default_max_params(),
+            tls: None,
+            allowed_nodes: None,
+            revoked_nodes: Vec::new(),
         }
     }
 }
@@ -355,9 +393,16 @@ impl CoordinatorConfig {
             source,
         })?;
         let mut config = Self::parse(&text, path)?;
-        if config.store.dir.is_relative() {
-            let base = path.parent().unwrap_or(Path::new("."));
-            config.store.dir = base.join(&config.store.dir);
+        let base = path.parent().unwrap_or(Path::new("."));
+        let tls = config
+            .server
+            .tls
+            .iter_mut()
+            .flat_map(|tls| [&mut tls.ca, &mut tls.cert, &mut tls.key]);
+        for file in std::iter::once(&mut config.store.dir).chain(tls) {
+            if file.is_relative() {
+                *file = base.join(&*file);
+            }
         }
         Ok(config)
     }
@@ -385,6 +430,10 @@ impl CoordinatorConfig {
     pub fn check(&self) -> Result<(), String> {
         if self.federation.name.trim().is_empty() {
             return Err("[federation] name must not be empty".into());
+        }
+        let listed = self.server.allowed_nodes.iter().flatten();
+        for id in listed.chain(&self.server.revoked_nodes) {
+            athanor_tls::identity::check_name("[server] allowed_nodes/revoked_nodes: node id", id)?;
         }
         let spec = self.model_spec()?;
         if spec.num_params() > self.server.max_model_params {
@@ -557,6 +606,30 @@ mod tests {
     fn a_typo_in_a_key_is_an_error_not_a_default() {
         let text = GOOD.replace("local_epochs", "local_epoch");
         assert!(parse(&text).is_err());
+    }
+
+    #[test]
+    fn tls_files_are_resolved_against_the_config_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = GOOD.replace(
+            "[store]",
+            "[server]\nrevoked_nodes = [\"x\"]\n[server.tls]\nca = \"c/ca.crt\"\n\
+             cert = \"/abs/coordinator.crt\"\nkey = \"c/coordinator.key\"\n[store]",
+        );
+        let path = dir.path().join("coordinator.toml");
+        std::fs::write(&path, text).unwrap();
+        let config = CoordinatorConfig::load(&path).unwrap();
+        let tls = config.server.tls.expect("[server.tls] is read");
+        assert_eq!(tls.ca, dir.path().join("c/ca.crt"));
+        assert_eq!(tls.cert, Path::new("/abs/coordinator.crt"));
+        assert_eq!(config.server.revoked_nodes, ["x"]);
+    }
+
+    #[test]
+    fn a_malformed_node_id_in_the_access_lists_is_rejected() {
+        let text = GOOD.replace("[store]", "[server]\nallowed_nodes = [\"a b\"]\n[store]");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("allowed_nodes"), "{err}");
     }
 
     #[test]

@@ -5,18 +5,26 @@
 //! - [`round`]: the round state machine shared by the gRPC services and the round driver;
 //! - [`strategy`]: aggregation (FedAvg);
 //! - [`store`]: the on-disk model store;
+//! - [`export`]: a version's weights as a safetensors or `.npy` file for other tools;
 //! - [`service`]: the node-facing and admin gRPC services over [`round::Coordinator`];
+//! - [`tls`]: the listener's mutual TLS (or `--insecure` plaintext);
+//! - [`access`]: who may call what, from the client's verified certificate;
+//! - [`certs`]: provisioning the federation's CA and certificates (`certs init`, `issue`);
 //! - [`server`]: wiring it all to a listener, for the binary and the simulator.
 
 #![warn(missing_docs)]
 
+pub mod access;
+pub mod certs;
 pub mod config;
+pub mod export;
 pub mod node_privacy;
 pub mod round;
 pub mod server;
 pub mod service;
 pub mod store;
 pub mod strategy;
+pub mod tls;
 
 use std::path::PathBuf;
 
@@ -70,6 +78,9 @@ pub enum Error {
     /// The listener could not be set up or failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// Transport security could not be set up: missing or unusable certificate files.
+    #[error("transport security: {0}")]
+    Tls(String),
     /// The coordinator is shutting down.
     #[error("coordinator is shutting down")]
     ShuttingDown,

@@ -1,14 +1,24 @@
-//! `athanor-coordinator`: runs a federation's coordinator and answers questions about its
-//! model store.
+//! `athanor-coordinator`: runs a federation's coordinator, and lets its operator drive and
+//! inspect it.
+//!
+//! `serve` runs the coordinator. Every other subcommand is a client: it talks to a running
+//! coordinator's admin service (`--address`), or, for the model store, reads a store directory
+//! directly (`--store`, `--config`) without needing a coordinator. What each prints, for people
+//! and with `--json` for scripts, is described in [`admin_cli`].
+
+mod admin_cli;
+mod certs_cli;
+mod security;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use athanor_coordinator::CoordinatorConfig;
-use athanor_coordinator::store::{ModelStore, VersionStatus};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
+
+use crate::admin_cli::{DEFAULT_ADDRESS, Source};
 
 /// The Athanor coordinator: runs rounds of federated training and publishes model versions.
 #[derive(Debug, Parser)]
@@ -16,6 +26,8 @@ use tracing_subscriber::EnvFilter;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    security: security::SecurityArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -26,27 +38,157 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Inspect published model versions.
+    /// Create the federation's CA and issue certificates for the coordinator, nodes and
+    /// operators.
+    Certs {
+        #[command(subcommand)]
+        command: certs_cli::CertsCommand,
+    },
+    /// Where a running federation is: round, stage, nodes, versions, pause, node-level budget.
+    Status {
+        #[command(flatten)]
+        remote: Remote,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect the nodes of a running coordinator.
+    Nodes {
+        #[command(subcommand)]
+        command: NodesCommand,
+    },
+    /// Inspect and export published model versions.
     Versions {
         #[command(subcommand)]
         command: VersionsCommand,
+    },
+    /// Pause or resume the opening of rounds.
+    Rounds {
+        #[command(subcommand)]
+        command: RoundsCommand,
+    },
+    /// Node-level privacy of the published models: epsilon spent and left of the budget.
+    Budget {
+        /// URL of a running coordinator's admin service; the default when --config is not
+        /// given [default: https://127.0.0.1:50051].
+        #[arg(long, value_name = "URL", conflicts_with = "config")]
+        address: Option<String>,
+        /// Compute it without a coordinator, from this configuration's [node_privacy]
+        /// section and the latest manifest in its [store] directory.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodesCommand {
+    /// Every node that joined: session age, last seen, rounds contributed, dataset fingerprint.
+    List {
+        #[command(flatten)]
+        remote: Remote,
+        /// Print one JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
 #[derive(Debug, Subcommand)]
 enum VersionsCommand {
-    /// List every version in the store, oldest first, with its status.
+    /// List every version, oldest first, with its status (damaged versions included).
     List {
-        /// Coordinator configuration file whose [store] dir to read.
-        #[arg(long, value_name = "FILE", conflicts_with = "store")]
-        config: Option<PathBuf>,
-        /// Model store directory to read directly.
-        #[arg(long, value_name = "DIR")]
-        store: Option<PathBuf>,
-        /// Print one JSON manifest per line instead of a table.
+        #[command(flatten)]
+        source: StoreSource,
+        /// Print one JSON object per line (a manifest, or the damaged version and why)
+        /// instead of a table.
         #[arg(long)]
         json: bool,
     },
+    /// Show one version's manifest.
+    Show {
+        /// The version number.
+        version: u64,
+        #[command(flatten)]
+        source: StoreSource,
+        /// Print the manifest as one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write one version's weights to a file, after checking them against the manifest's hash.
+    Export {
+        /// The version number.
+        version: u64,
+        /// File format to write.
+        #[arg(long, value_enum)]
+        format: Format,
+        /// The file to write. Written atomically (temporary file, then rename).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Replace --out if it exists.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        source: StoreSource,
+        /// Print one JSON object describing the file written instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RoundsCommand {
+    /// Open no new round until resumed; a round already open runs to its end.
+    Pause {
+        #[command(flatten)]
+        remote: Remote,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Open rounds again after a pause.
+    Resume {
+        #[command(flatten)]
+        remote: Remote,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A running coordinator.
+#[derive(Debug, Args)]
+struct Remote {
+    /// URL of the coordinator's admin service (the address it serves nodes on).
+    #[arg(long, value_name = "URL", default_value = DEFAULT_ADDRESS)]
+    address: String,
+}
+
+/// Where to read versions from: a running coordinator, or a store directory.
+#[derive(Debug, Args)]
+struct StoreSource {
+    /// URL of a running coordinator's admin service; the default when neither --store nor
+    /// --config is given [default: https://127.0.0.1:50051].
+    #[arg(long, value_name = "URL", conflicts_with_all = ["store", "config"])]
+    address: Option<String>,
+    /// Read this model store directory directly, without a coordinator. Read-only, so safe
+    /// next to a running coordinator.
+    #[arg(long, value_name = "DIR", conflicts_with = "config")]
+    store: Option<PathBuf>,
+    /// Read the model store named by this coordinator configuration's [store] dir.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+/// Export formats, as spelled on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Format {
+    /// The stored safetensors weights file, byte for byte.
+    Safetensors,
+    /// The flat parameter vector as one `.npy` array of little-endian float32, tensors end to
+    /// end in the order the export lists them.
+    Npy,
 }
 
 fn main() -> ExitCode {
@@ -68,38 +210,103 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    security::install(&cli.security);
     match cli.command {
-        Command::Serve { config } => serve(config),
-        Command::Versions {
-            command:
-                VersionsCommand::List {
-                    config,
-                    store,
-                    json,
-                },
+        Command::Serve { config } => serve(config, &cli.security),
+        Command::Certs { command } => certs_cli::run(command),
+        Command::Status { remote, json } => block_on(admin_cli::status(&remote.address, json)),
+        Command::Nodes {
+            command: NodesCommand::List { remote, json },
+        } => block_on(admin_cli::list_nodes(&remote.address, json)),
+        Command::Versions { command } => versions(command),
+        Command::Rounds { command } => match command {
+            RoundsCommand::Pause { remote, json } => {
+                block_on(admin_cli::pause(&remote.address, json))
+            }
+            RoundsCommand::Resume { remote, json } => {
+                block_on(admin_cli::resume(&remote.address, json))
+            }
+        },
+        Command::Budget {
+            address,
+            config,
+            json,
+        } => match config {
+            Some(config) => admin_cli::budget_offline(&load_config(&config)?, json),
+            None => block_on(admin_cli::budget(
+                address.as_deref().unwrap_or(DEFAULT_ADDRESS),
+                json,
+            )),
+        },
+    }
+}
+
+fn versions(command: VersionsCommand) -> Result<()> {
+    match command {
+        VersionsCommand::List { source, json } => {
+            block_on(admin_cli::list_versions(&resolve(source)?, json))
+        }
+        VersionsCommand::Show {
+            version,
+            source,
+            json,
+        } => block_on(admin_cli::show_version(&resolve(source)?, version, json)),
+        VersionsCommand::Export {
+            version,
+            format,
+            out,
+            force,
+            source,
+            json,
         } => {
-            let dir = match (config, store) {
-                (Some(config), _) => {
-                    CoordinatorConfig::load(&config)
-                        .with_context(|| format!("loading {}", config.display()))?
-                        .store
-                        .dir
-                }
-                (None, Some(store)) => store,
-                (None, None) => anyhow::bail!("pass --config FILE or --store DIR"),
+            let format = match format {
+                Format::Safetensors => athanor_coordinator::export::ExportFormat::Safetensors,
+                Format::Npy => athanor_coordinator::export::ExportFormat::Npy,
             };
-            list_versions(dir, json)
+            let request = admin_cli::ExportRequest {
+                version,
+                format,
+                out,
+                overwrite: force,
+            };
+            block_on(admin_cli::export_version(&resolve(source)?, &request, json))
         }
     }
 }
 
-fn serve(path: PathBuf) -> Result<()> {
-    let config = CoordinatorConfig::load(&path)
-        .with_context(|| format!("loading coordinator config {}", path.display()))?;
+/// The store or coordinator a versions command reads.
+fn resolve(source: StoreSource) -> Result<Source> {
+    Ok(match (source.address, source.store, source.config) {
+        (_, Some(store), _) => Source::Store(store),
+        (_, None, Some(config)) => Source::Store(load_config(&config)?.store.dir),
+        (address, None, None) => {
+            Source::Coordinator(address.unwrap_or_else(|| DEFAULT_ADDRESS.to_string()))
+        }
+    })
+}
+
+fn load_config(path: &std::path::Path) -> Result<CoordinatorConfig> {
+    CoordinatorConfig::load(path)
+        .with_context(|| format!("loading coordinator config {}", path.display()))
+}
+
+/// Runs one client command to completion on a single-threaded runtime.
+fn block_on(command: impl Future<Output = Result<()>>) -> Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(command)
+}
+
+fn serve(path: PathBuf, security: &security::SecurityArgs) -> Result<()> {
+    let config = load_config(&path)?;
+    let transport = security::serve_transport(&config, security)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         athanor_coordinator::server::run(
             config,
+            transport,
             |address| println!("listening on {address}"),
             shutdown_signal(),
         )
@@ -127,59 +334,4 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = interrupt.await;
-}
-
-fn list_versions(dir: PathBuf, json: bool) -> Result<()> {
-    anyhow::ensure!(
-        dir.join("versions").is_dir(),
-        "{} is not a model store (no versions/ directory)",
-        dir.display()
-    );
-    let store =
-        ModelStore::open(&dir).with_context(|| format!("opening model store {}", dir.display()))?;
-    let entries = store.list();
-    if json {
-        for entry in &entries {
-            let line = match &entry.status {
-                VersionStatus::Valid(manifest) => serde_json::to_string(manifest)?,
-                VersionStatus::Damaged(error) => serde_json::json!({
-                    "version": entry.version,
-                    "damaged": error.to_string(),
-                })
-                .to_string(),
-            };
-            println!("{line}");
-        }
-        return Ok(());
-    }
-
-    println!(
-        "{:>7}  {:>6}  {:>5}  {:>12}  {:>10}  {:<20}  sha256",
-        "version", "parent", "round", "contributors", "epsilon", "created"
-    );
-    for entry in &entries {
-        match &entry.status {
-            VersionStatus::Valid(m) => {
-                let parent = m.parent.map_or("-".to_string(), |p| p.to_string());
-                let epsilon = match m.example_privacy.max_epsilon {
-                    athanor_coordinator::store::Epsilon::Finite(e) => format!("{e:.3}"),
-                    athanor_coordinator::store::Epsilon::Unbounded => "inf (no DP)".into(),
-                };
-                println!(
-                    "{:>7}  {:>6}  {:>5}  {:>12}  {:>10}  {:<20}  {}",
-                    m.version,
-                    parent,
-                    m.round,
-                    m.contributors,
-                    epsilon,
-                    m.created_at,
-                    &m.weights_sha256[..16.min(m.weights_sha256.len())]
-                );
-            }
-            VersionStatus::Damaged(error) => {
-                println!("{:>7}  DAMAGED: {error}", entry.version);
-            }
-        }
-    }
-    Ok(())
 }

@@ -20,7 +20,7 @@
 //! public denominator (the expected cohort size) would protect it at the price of a biased
 //! average when nodes drop out.
 
-use athanor_core::accountant::{EpsilonReport, Step};
+use athanor_core::accountant::{Accountant, EpsilonReport, Step};
 use athanor_core::noise::add_gaussian_noise;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -47,6 +47,90 @@ pub struct Charge {
     pub within_budget: bool,
 }
 
+/// What the published models have spent of the node-level budget, for operators.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spending {
+    /// Epsilon spent by every published round, at `delta`.
+    pub epsilon_spent: f64,
+    /// The configured budget.
+    pub epsilon_budget: f64,
+    /// The delta both hold at.
+    pub delta: f64,
+    /// The accountant that composed the rounds.
+    pub accountant: Accountant,
+    /// Configured noise multiplier z.
+    pub noise_multiplier: f64,
+    /// Configured bound S on each node's update.
+    pub update_clip_norm: f64,
+    /// Published rounds accounted.
+    pub rounds: u64,
+    /// The version whose manifest records the spending (the latest published).
+    pub version: u64,
+}
+
+impl Spending {
+    /// Spending of `epsilon_spent` over `history`, recorded in `version`, under `settings`.
+    pub fn new(
+        settings: &NodePrivacySection,
+        history: &[Step],
+        epsilon_spent: f64,
+        version: u64,
+    ) -> Self {
+        Spending {
+            epsilon_spent,
+            epsilon_budget: settings.epsilon,
+            delta: settings.delta,
+            accountant: settings.accountant,
+            noise_multiplier: settings.noise_multiplier,
+            update_clip_norm: settings.update_clip_norm,
+            rounds: history.iter().map(|step| step.count).sum(),
+            version,
+        }
+    }
+
+    /// What is left of the budget; 0 once it is spent.
+    pub fn epsilon_left(&self) -> f64 {
+        (self.epsilon_budget - self.epsilon_spent).max(0.0)
+    }
+}
+
+/// The node-level spending recorded in `latest` (the store's latest version), composed with
+/// the accountant and delta of `settings`: what a coordinator started with these settings
+/// would report. Reads no file and draws no randomness, so tools can call it on a store.
+///
+/// # Errors
+/// As [`NodeLevelDp::resume`], and [`Error::InvalidRequest`] if the accountant rejects the
+/// recorded history.
+pub fn spending(settings: &NodePrivacySection, latest: &Manifest) -> Result<Spending, Error> {
+    let history = recorded_history(latest)?;
+    let report = settings
+        .accountant
+        .epsilon(&history, settings.delta)
+        .map_err(|e| Error::InvalidRequest(format!("node-level accountant: {e}")))?;
+    Ok(Spending::new(
+        settings,
+        &history,
+        report.epsilon,
+        latest.version,
+    ))
+}
+
+/// The published rounds' mechanisms recorded in the latest version's manifest.
+fn recorded_history(latest: &Manifest) -> Result<Vec<Step>, Error> {
+    match (&latest.node_privacy, latest.round) {
+        (Some(record), _) => Ok(record.history.clone()),
+        (None, 0) => Ok(Vec::new()),
+        (None, round) => Err(Error::Config {
+            path: "[node_privacy]".into(),
+            message: format!(
+                "the store's latest version (round {round}) was published without node-level \
+                 accounting, so the federation's node-level privacy is already unbounded; start \
+                 a new store to train with [node_privacy]"
+            ),
+        }),
+    }
+}
+
 impl NodeLevelDp {
     /// Picks up the spending recorded in the latest version's manifest.
     ///
@@ -55,20 +139,7 @@ impl NodeLevelDp {
     /// record: what those rounds released was never accounted, so no budget can be claimed
     /// for the federation; and when the operating system's generator fails.
     pub fn resume(settings: NodePrivacySection, latest: &Manifest) -> Result<Self, Error> {
-        let history = match (&latest.node_privacy, latest.round) {
-            (Some(record), _) => record.history.clone(),
-            (None, 0) => Vec::new(),
-            (None, round) => {
-                return Err(Error::Config {
-                    path: "[node_privacy]".into(),
-                    message: format!(
-                        "the store's latest version (round {round}) was published without \
-                         node-level accounting, so the federation's node-level privacy is \
-                         already unbounded; start a new store to train with [node_privacy]"
-                    ),
-                });
-            }
-        };
+        let history = recorded_history(latest)?;
 
         let rng = match settings.insecure_noise_seed {
             Some(seed) => {
@@ -145,6 +216,11 @@ impl NodeLevelDp {
         self.history = record.history.clone();
     }
 
+    /// The recorded rounds' mechanisms, merged where consecutive rounds were alike.
+    pub fn history(&self) -> &[Step] {
+        &self.history
+    }
+
     /// Clips each update to `S`, sums, adds the noise and divides by the number of updates.
     ///
     /// # Errors
@@ -218,7 +294,6 @@ fn extend(history: &[Step], q: f64, sigma: f64) -> Vec<Step> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use athanor_core::accountant::Accountant;
 
     fn settings(epsilon: f64) -> NodePrivacySection {
         NodePrivacySection {

@@ -11,11 +11,16 @@
 //! 4. with at least `min_updates` updates of non-zero total weight, aggregate (FedAvg) and
 //!    publish a new version; otherwise abandon the round, publishing nothing.
 //!
+//! An operator may pause the federation ([`Coordinator::pause_rounds`]): the round already
+//! open runs to its end, but the driver opens no new one until
+//! [`Coordinator::resume_rounds`]. Pausing lives in memory only; a restarted coordinator runs
+//! rounds again.
+//!
 //! State lives behind one `std::sync::Mutex` that is never held across an `.await`; waiters
 //! learn about changes through a `watch` channel whose counter is bumped on every change, so
 //! no wake-up is lost between checking the state and starting to wait.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -29,10 +34,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Error;
 use crate::config::CoordinatorConfig;
-use crate::node_privacy::NodeLevelDp;
+use crate::node_privacy::{NodeLevelDp, Spending};
 use crate::store::{
     DatasetFingerprint, Epsilon, ExamplePrivacy, Manifest, ManifestDraft, ModelStore, NodePrivacy,
-    VersionStatus,
+    StoreError, VersionStatus,
 };
 use crate::strategy::{self, Contribution, ServerOptimizer};
 
@@ -123,7 +128,8 @@ pub struct Status {
     pub federation: String,
     /// Round in progress.
     pub round: Option<u64>,
-    /// What the coordinator is doing.
+    /// What the coordinator is doing: `waiting_for_nodes`, `training`, `paused` (no round
+    /// open and none will open until resumed) or `finished`.
     pub stage: &'static str,
     /// Nodes seen within the session timeout.
     pub connected_nodes: usize,
@@ -133,6 +139,46 @@ pub struct Status {
     pub rounds_completed: u64,
     /// Rounds abandoned.
     pub rounds_abandoned: u64,
+    /// Whether the operator paused rounds (an open round still runs to its end).
+    pub paused: bool,
+    /// Rounds to publish before the federation finishes.
+    pub rounds_total: u64,
+    /// Why the federation finished, once it has.
+    pub finished: Option<String>,
+    /// Versions found damaged in the store, with what was found wrong.
+    pub damaged_versions: Vec<(u64, String)>,
+    /// Node-level privacy spent, when it is accounted.
+    pub node_privacy: Option<Spending>,
+}
+
+/// One joined node, for operators.
+#[derive(Debug, Clone)]
+pub struct NodeSummary {
+    /// Its identity.
+    pub node: NodeId,
+    /// Time since its current session began (its latest join).
+    pub session_age: Duration,
+    /// Time since it was last heard from.
+    pub last_seen: Duration,
+    /// Whether it counts towards `min_nodes` and cohorts.
+    pub connected: bool,
+    /// Published versions that include its update: counted from the store's manifests when
+    /// the coordinator opened, plus the rounds this process published.
+    pub rounds_contributed: u64,
+    /// What it reported about its data.
+    pub fingerprint: Option<DatasetFingerprint>,
+    /// Its part in the open round: `pending`, `submitted` or `declined`; `None` when it is
+    /// not in the cohort or no round is open.
+    pub round_state: Option<&'static str>,
+}
+
+/// What pausing found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Paused {
+    /// Whether rounds were already paused.
+    pub was_paused: bool,
+    /// The round still open, which runs to its end.
+    pub open_round: Option<u64>,
 }
 
 /// The coordinator's shared state; cheap to clone.
@@ -167,12 +213,19 @@ struct State {
     rounds_abandoned: u64,
     finished: Option<String>,
     optimizer: ServerOptimizer,
+    /// Set by the operator: open no new round.
+    paused: bool,
+    /// Published versions each node contributed to (see [`NodeSummary::rounds_contributed`]).
+    contributions: HashMap<NodeId, u64>,
+    /// Node-level spending as of the latest version, when accounted.
+    node_spending: Option<Spending>,
 }
 
 #[derive(Debug)]
 struct NodeEntry {
     session: String,
     fingerprint: Option<DatasetFingerprint>,
+    joined_at: Instant,
     last_seen: Instant,
 }
 
@@ -246,23 +299,33 @@ impl Coordinator {
             });
         }
         let (manifest, params) = store.load(latest.version)?;
-        let node_dp = match &config.node_privacy {
+        let (node_dp, node_spending) = match &config.node_privacy {
             Some(settings) => {
                 let dp = NodeLevelDp::resume(settings.clone(), &manifest)?;
+                let spent = dp.spent()?.epsilon;
                 info!(
-                    epsilon_spent = dp.spent()?.epsilon,
+                    epsilon_spent = spent,
                     budget = settings.epsilon,
                     "node-level privacy accounting on"
                 );
-                Some(Mutex::new(dp))
+                let spending = Spending::new(settings, dp.history(), spent, manifest.version);
+                (Some(Mutex::new(dp)), Some(spending))
             }
-            None => None,
+            None => (None, None),
         };
-        let rounds_completed = store
-            .list()
-            .iter()
-            .filter(|entry| matches!(&entry.status, VersionStatus::Valid(m) if m.round > 0))
-            .count() as u64;
+        let mut rounds_completed = 0;
+        let mut contributions: HashMap<NodeId, u64> = HashMap::new();
+        for entry in store.list() {
+            let VersionStatus::Valid(m) = entry.status else {
+                continue;
+            };
+            if m.round > 0 {
+                rounds_completed += 1;
+            }
+            for fingerprint in m.dataset_fingerprints {
+                *contributions.entry(NodeId(fingerprint.node)).or_default() += 1;
+            }
+        }
         info!(
             version = manifest.version,
             round = manifest.round,
@@ -284,6 +347,9 @@ impl Coordinator {
                 config.strategy.server_learning_rate,
                 config.strategy.server_momentum,
             ),
+            paused: false,
+            contributions,
+            node_spending,
         };
         let (changed, _) = watch::channel(0);
         let (published, _) = broadcast::channel(64);
@@ -343,12 +409,14 @@ impl Coordinator {
             debug!(%node, "node joined again; earlier session replaced");
         }
         state.sessions.insert(session.clone(), node.clone());
+        let now = Instant::now();
         state.nodes.insert(
             node.clone(),
             NodeEntry {
                 session: session.clone(),
                 fingerprint,
-                last_seen: Instant::now(),
+                joined_at: now,
+                last_seen: now,
             },
         );
         let latest_version = state.global.manifest.version;
@@ -377,6 +445,9 @@ impl Coordinator {
                 return Ok(answer);
             }
             match tokio::time::timeout_at(give_up, changes.changed()).await {
+                Err(_) if self.lock().paused => {
+                    return Ok(Poll::Idle("rounds are paused by the operator".into()));
+                }
                 Err(_) => return Ok(Poll::Idle("waiting for the next round".into())),
                 Ok(Err(_)) => return Err(Error::ShuttingDown),
                 Ok(Ok(())) => {}
@@ -402,6 +473,21 @@ impl Coordinator {
             plan: self.shared.plan,
             time_left: round.deadline.saturating_duration_since(Instant::now()),
         })))
+    }
+
+    /// Checks that `session` is a current session, and counts the call as a sign of life.
+    ///
+    /// # Errors
+    /// [`Error::UnknownSession`].
+    pub fn check_session(&self, session: &str) -> Result<NodeId, Error> {
+        self.lock().touch(session)
+    }
+
+    /// Time left until the open round's deadline; `None` when no round is open.
+    pub fn round_time_left(&self) -> Option<Duration> {
+        let state = self.lock();
+        let round = state.round.as_ref()?;
+        Some(round.deadline.saturating_duration_since(Instant::now()))
     }
 
     /// Checks that an update with this header would be accepted now, before its payload is
@@ -478,10 +564,17 @@ impl Coordinator {
         let mut state = self.lock();
         let node = state.touch(session)?;
         self.check_against_round(&state, &node, &header)?;
-        if delta.len() != header.num_params || delta.iter().any(|v| !v.is_finite()) {
-            return Err(Error::InvalidRequest(
-                "update payload does not match its header or is not finite".into(),
-            ));
+        if delta.len() != header.num_params {
+            return Err(Error::InvalidRequest(format!(
+                "update payload has {} values, its header announced {}",
+                delta.len(),
+                header.num_params
+            )));
+        }
+        if let Some(index) = delta.iter().position(|v| !v.is_finite()) {
+            return Err(Error::InvalidRequest(format!(
+                "update value {index} is not finite"
+            )));
         }
 
         let round = state.round.as_mut().ok_or(Error::ShuttingDown)?;
@@ -498,7 +591,13 @@ impl Coordinator {
     ///
     /// # Errors
     /// [`Error::WrongRound`] when the node has no pending task in that round.
-    pub fn decline(&self, session: &str, round_id: u64, reason: String) -> Result<(), Error> {
+    pub fn decline(
+        &self,
+        session: &str,
+        round_id: u64,
+        reason: String,
+        leaving: bool,
+    ) -> Result<(), Error> {
         let mut state = self.lock();
         let node = state.touch(session)?;
         let round = state
@@ -514,8 +613,13 @@ impl Coordinator {
                 )));
             }
         }
-        warn!(%node, round = round_id, %reason, "node declined the round");
-        round.members.insert(node, Outcome::Declined);
+        warn!(%node, round = round_id, %reason, leaving, "node declined the round");
+        round.members.insert(node.clone(), Outcome::Declined);
+        if leaving {
+            state.nodes.remove(&node);
+            state.sessions.retain(|_, holder| *holder != node);
+            info!(%node, "node left the federation");
+        }
         drop(state);
         self.notify();
         Ok(())
@@ -523,11 +627,20 @@ impl Coordinator {
 
     /// Where the federation stands.
     pub fn status(&self) -> Status {
+        // The store's listing is in memory; read it before taking the state lock.
+        let damaged_versions = self
+            .shared
+            .store
+            .damaged()
+            .into_iter()
+            .map(|(version, cause)| (version, crate::store::error_chain(&cause)))
+            .collect();
         let state = self.lock();
-        let stage = match (&state.finished, &state.round) {
-            (Some(_), _) => "finished",
-            (None, Some(_)) => "training",
-            (None, None) => "waiting_for_nodes",
+        let stage = match (&state.finished, &state.round, state.paused) {
+            (Some(_), _, _) => "finished",
+            (None, Some(_), _) => "training",
+            (None, None, true) => "paused",
+            (None, None, false) => "waiting_for_nodes",
         };
         Status {
             federation: self.shared.federation.clone(),
@@ -537,7 +650,71 @@ impl Coordinator {
             latest_version: state.global.manifest.version,
             rounds_completed: state.rounds_completed,
             rounds_abandoned: state.rounds_abandoned,
+            paused: state.paused,
+            rounds_total: self.shared.config.rounds.total,
+            finished: state.finished.clone(),
+            damaged_versions,
+            node_privacy: state.node_spending.clone(),
         }
+    }
+
+    /// Every node that joined this process, ordered by id.
+    pub fn nodes(&self) -> Vec<NodeSummary> {
+        let state = self.lock();
+        let now = Instant::now();
+        let connected: HashSet<NodeId> = state.connected_nodes().into_iter().collect();
+        let mut nodes: Vec<NodeSummary> = state
+            .nodes
+            .iter()
+            .map(|(node, entry)| {
+                let round_state = state
+                    .round
+                    .as_ref()
+                    .and_then(|round| round.members.get(node))
+                    .map(|outcome| match outcome {
+                        Outcome::Pending => "pending",
+                        Outcome::Submitted(_) => "submitted",
+                        Outcome::Declined => "declined",
+                    });
+                NodeSummary {
+                    node: node.clone(),
+                    session_age: now.saturating_duration_since(entry.joined_at),
+                    last_seen: now.saturating_duration_since(entry.last_seen),
+                    connected: connected.contains(node),
+                    rounds_contributed: state.contributions.get(node).copied().unwrap_or(0),
+                    fingerprint: entry.fingerprint.clone(),
+                    round_state,
+                }
+            })
+            .collect();
+        nodes.sort_by(|a, b| a.node.cmp(&b.node));
+        nodes
+    }
+
+    /// Stops the driver from opening new rounds; the open round, if any, runs to its end.
+    pub fn pause_rounds(&self) -> Paused {
+        let mut state = self.lock();
+        let paused = Paused {
+            was_paused: state.paused,
+            open_round: state.round.as_ref().map(|r| r.id),
+        };
+        state.paused = true;
+        drop(state);
+        if !paused.was_paused {
+            info!(open_round = ?paused.open_round, "rounds paused by the operator");
+        }
+        self.notify();
+        paused
+    }
+
+    /// Lets the driver open rounds again. Returns whether rounds were paused.
+    pub fn resume_rounds(&self) -> bool {
+        let was_paused = std::mem::replace(&mut self.lock().paused, false);
+        if was_paused {
+            info!("rounds resumed by the operator");
+        }
+        self.notify();
+        was_paused
     }
 
     /// Runs rounds until the configured number has been published, too many in a row were
@@ -584,6 +761,10 @@ impl Coordinator {
             }
 
             self.wait_for_nodes(config.rounds.min_nodes).await;
+            if self.wait_while_paused().await {
+                // Nodes may have come and gone during the pause: count them again.
+                continue;
+            }
             let sampling_rate =
                 NodeLevelDp::sampling_rate(config.rounds.cohort_size, self.lock().connected());
             if let Some(spent) = self.node_budget_exhausted(sampling_rate)? {
@@ -630,6 +811,25 @@ impl Coordinator {
              round would bring it to {:.4}",
             charge.record.epsilon
         )))
+    }
+
+    /// Waits until rounds are not paused; returns whether it had to wait.
+    async fn wait_while_paused(&self) -> bool {
+        let mut changes = self.shared.changed.subscribe();
+        let mut waited = false;
+        loop {
+            changes.borrow_and_update();
+            if !self.lock().paused {
+                return waited;
+            }
+            if !waited {
+                info!("paused: no round opens until the operator resumes");
+                waited = true;
+            }
+            if changes.changed().await.is_err() {
+                return waited;
+            }
+        }
     }
 
     async fn wait_for_nodes(&self, min_nodes: usize) {
@@ -778,11 +978,20 @@ impl Coordinator {
         let mut draft = self.draft(round.id, &global.manifest, &submissions);
         draft.node_privacy = node_privacy.clone();
         let store = self.store();
-        let manifest =
+        let published =
             tokio::task::spawn_blocking(move || store.publish(draft, &params).map(|m| (m, params)))
                 .await
-                .map_err(|e| Error::InvalidRequest(format!("publishing task failed: {e}")))??;
-        let (manifest, params) = manifest;
+                .map_err(|e| Error::InvalidRequest(format!("publishing task failed: {e}")))?;
+        let (manifest, params) = match published {
+            Ok(published) => published,
+            // A draft the store refuses comes from what nodes sent, not from the disk: lose
+            // the round, keep the federation.
+            Err(e @ (StoreError::InvalidDraft { .. } | StoreError::NonFiniteParameter { .. })) => {
+                self.abandon(round.id, &format!("the store refused the version: {e}"));
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        };
 
         info!(
             round = round.id,
@@ -800,6 +1009,9 @@ impl Coordinator {
             });
             state.rounds_completed += 1;
             state.optimizer = optimizer;
+            for (node, _) in &submissions {
+                *state.contributions.entry(node.clone()).or_default() += 1;
+            }
         }
         if let (Some(node_dp), Some(record)) = (&self.shared.node_dp, &node_privacy) {
             lock(node_dp).commit(record);
@@ -808,6 +1020,11 @@ impl Coordinator {
                 delta = record.delta,
                 "node-level privacy charged"
             );
+            if let Some(settings) = &self.shared.config.node_privacy {
+                let spending =
+                    Spending::new(settings, &record.history, record.epsilon, manifest.version);
+                self.lock().node_spending = Some(spending);
+            }
         }
         let _ = self.shared.published.send(manifest);
         self.notify();
@@ -861,12 +1078,17 @@ impl Coordinator {
         submissions: &[(NodeId, Submission)],
     ) -> ManifestDraft {
         let plan = &self.shared.plan;
-        let total_examples: u64 = submissions.iter().map(|(_, s)| s.header.num_examples).sum();
+        // Counts and losses are self-reported; sums in f64 cannot overflow, and a mean that is
+        // not finite (absurd losses) is left out rather than refused by the store.
+        let total_examples: f64 = submissions
+            .iter()
+            .map(|(_, s)| s.header.num_examples as f64)
+            .sum();
         let train_loss = submissions
             .iter()
             .map(|(_, s)| s.header.train_loss * s.header.num_examples as f64)
             .sum::<f64>()
-            / total_examples.max(1) as f64;
+            / total_examples.max(1.0);
 
         // The example-level guarantee of a version covers every node whose data reached it
         // through its lineage, so it is the worst of the parent's and this round's.
@@ -912,8 +1134,15 @@ impl Coordinator {
         }
 
         let mut metrics = BTreeMap::new();
-        metrics.insert("train_loss".to_string(), train_loss);
-        metrics.insert("examples".to_string(), total_examples as f64);
+        if train_loss.is_finite() {
+            metrics.insert("train_loss".to_string(), train_loss);
+        } else {
+            warn!(
+                round,
+                "the reported training losses do not average to a finite number"
+            );
+        }
+        metrics.insert("examples".to_string(), total_examples);
 
         ManifestDraft {
             parent: Some(parent.version),

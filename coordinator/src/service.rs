@@ -4,9 +4,29 @@
 //! place that does), call [`Coordinator`], and map its errors to status codes in
 //! [`status_of`]. Internal details (paths, store errors) are logged here and never sent to
 //! the peer.
+//!
+//! Every request a node gets wrong is refused with a status code that says whose fault it is
+//! and a logged reason (`warn`, or `info` for an unknown session, which every node meets once
+//! after a coordinator restart), and leaves the open round as it was: a refused update does
+//! not count as the node's answer, so the node may still send a good one. In particular an
+//! update is refused with
+//!
+//! - `UNAUTHENTICATED` when its session is unknown (never joined, or replaced by a newer join);
+//! - `FAILED_PRECONDITION` when it is for another round or model version, comes from a node
+//!   outside the cohort or one that already answered, or streams past the round's deadline;
+//! - `INVALID_ARGUMENT` when the stream is empty, does not start with a header, holds a second
+//!   header or an empty chunk, announces a length other than the model's, carries more or
+//!   fewer bytes than it announced, or holds a NaN or infinite value;
+//! - `OUT_OF_RANGE` (from the transport) when one chunk exceeds twice [`CHUNK_BYTES`].
+//!
+//! The admin service answers operators. It shares the node-facing listener; under mutual TLS
+//! only clients with an operator's certificate reach it, and nodes reach only the node-facing
+//! service, as the gates of [`crate::access`] decide before any handler runs.
 
 use std::pin::Pin;
+use std::time::Duration;
 
+use athanor_core::accountant::Accountant;
 use athanor_core::model::{Architecture, ModelSpec};
 use athanor_core::params;
 use athanor_core::plan::RoundPlan;
@@ -19,14 +39,20 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::Error;
+use crate::node_privacy::Spending;
 use crate::round::{Coordinator, NodeId, Poll, UpdateHeader};
-use crate::store::{DatasetFingerprint, Epsilon, Manifest, VersionStatus};
+use crate::store::{self, DatasetFingerprint, Epsilon, Manifest, StoreError, VersionStatus};
 
 /// Longest node id accepted at join.
 const MAX_NODE_ID_LEN: usize = 128;
+
+/// How long past the round's deadline an update may still be streaming: enough for a payload
+/// that started in time to finish over a slow link, short enough that a stalled stream does not
+/// hold its task for long.
+const STREAM_GRACE: Duration = Duration::from_secs(10);
 
 /// The node-facing service.
 #[derive(Debug, Clone)]
@@ -49,14 +75,16 @@ impl Federation for FederationService {
         &self,
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
+        // Under mutual TLS the node is who its certificate says, whatever it claims.
+        crate::access::check_claim(&request)?;
         let request = request.into_inner();
         if request.protocol_version != PROTOCOL_VERSION {
-            return Err(status_of(Error::ProtocolVersion {
+            return Err(refuse_join(Error::ProtocolVersion {
                 expected: PROTOCOL_VERSION,
                 got: request.protocol_version,
             }));
         }
-        let node = node_id(&request.node_id).map_err(status_of)?;
+        let node = node_id(&request.node_id).map_err(refuse_join)?;
         let fingerprint = request.dataset.map(|d| DatasetFingerprint {
             node: node.0.clone(),
             sha256: d.sha256,
@@ -92,7 +120,7 @@ impl Federation for FederationService {
             Ok(Poll::Finished(reason)) => {
                 pb::wait_for_task_response::Outcome::Finished(pb::Finished { reason })
             }
-            Err(e) => return Err(status_of(e)),
+            Err(e) => return Err(refuse(&session, e)),
         };
         Ok(Response::new(pb::WaitForTaskResponse {
             outcome: Some(outcome),
@@ -106,6 +134,9 @@ impl Federation for FederationService {
         request: Request<pb::FetchModelRequest>,
     ) -> Result<Response<Self::FetchModelStream>, Status> {
         let request = request.into_inner();
+        self.coordinator
+            .check_session(&request.session)
+            .map_err(|e| refuse(&request.session, e))?;
         let global = self.coordinator.global();
         let (version, params) = match request.version {
             None => (global.manifest.version, global.params.clone()),
@@ -117,10 +148,7 @@ impl Federation for FederationService {
                     .map_err(|_| Status::internal("loading the model failed"))?;
                 match loaded {
                     Ok((_, params)) => (v, params),
-                    Err(crate::store::StoreError::NotFound { .. }) => {
-                        return Err(status_of(Error::VersionNotFound(v)));
-                    }
-                    Err(e) => return Err(status_of(Error::Store(e))),
+                    Err(e) => return Err(refuse(&request.session, store_error(v, e))),
                 }
             }
         };
@@ -149,40 +177,43 @@ impl Federation for FederationService {
         request: Request<Streaming<pb::UpdateChunk>>,
     ) -> Result<Response<pb::SubmitUpdateResponse>, Status> {
         let mut stream = request.into_inner();
-        let first = stream
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("empty update stream"))?;
-        let Some(pb::update_chunk::Part::Header(header)) = first.part else {
-            return Err(Status::invalid_argument(
-                "an update stream must start with its header",
-            ));
+        let header = match stream.message().await.map_err(|s| refuse_stream("", s))? {
+            Some(pb::UpdateChunk {
+                part: Some(pb::update_chunk::Part::Header(header)),
+            }) => header,
+            Some(_) => {
+                let reason = "an update stream must start with its header";
+                return Err(refuse("", Error::InvalidRequest(reason.into())));
+            }
+            None => {
+                return Err(refuse(
+                    "",
+                    Error::InvalidRequest("empty update stream".into()),
+                ));
+            }
         };
         let session = header.session.clone();
-        let header = update_header(header).map_err(status_of)?;
+        let header = update_header(header).map_err(|e| refuse(&session, e))?;
         let node = self
             .coordinator
             .check_update(&session, &header)
             .map_err(|e| refuse(&session, e))?;
+        debug!(%node, round = header.round, "update header accepted");
 
         // The header's length was checked against the model, so this bound is the model size.
         let expected_bytes = header.num_params * 4;
-        let mut bytes = Vec::with_capacity(expected_bytes);
-        while let Some(chunk) = stream.message().await? {
-            let Some(pb::update_chunk::Part::Data(data)) = chunk.part else {
-                return Err(Status::invalid_argument("a second header in one update"));
-            };
-            if bytes.len() + data.len() > expected_bytes {
-                warn!(%node, "update longer than its header says; refused");
-                return Err(Status::invalid_argument(format!(
-                    "update payload exceeds the {expected_bytes} bytes its header announced"
-                )));
-            }
-            bytes.extend_from_slice(&data);
-        }
+        let time_left = self.coordinator.round_time_left().unwrap_or_default();
+        let bytes = read_payload(&mut stream, expected_bytes, time_left + STREAM_GRACE)
+            .await
+            .map_err(|e| match e {
+                Payload::Refused(e) => refuse(&session, e),
+                Payload::Transport(status) => refuse_stream(&session, status),
+            })?;
         let delta = params::from_le_bytes(&bytes, header.num_params).map_err(|e| {
-            warn!(%node, error = %e, "update payload refused");
-            Status::invalid_argument(format!("update payload: {e}"))
+            refuse(
+                &session,
+                Error::InvalidRequest(format!("update payload: {e}")),
+            )
         })?;
 
         self.coordinator
@@ -198,8 +229,8 @@ impl Federation for FederationService {
         let request = request.into_inner();
         let reason: String = request.reason.chars().take(500).collect();
         self.coordinator
-            .decline(&request.session, request.round, reason)
-            .map_err(status_of)?;
+            .decline(&request.session, request.round, reason, request.leaving)
+            .map_err(|e| refuse(&request.session, e))?;
         Ok(Response::new(pb::DeclineTaskResponse {}))
     }
 
@@ -256,11 +287,94 @@ impl Federation for FederationService {
     }
 }
 
-/// Logs why a node's request was refused, then maps the error.
+/// Why reading an update's payload stopped.
+enum Payload {
+    /// The payload breaks the protocol.
+    Refused(Error),
+    /// The stream itself failed (the peer went away, a chunk over the size limit).
+    Transport(Status),
+}
+
+/// Reads an update's data chunks: at most `expected_bytes` in all, none empty (so a stream
+/// cannot spin on empty messages), no second header, and all within `limit`.
+async fn read_payload(
+    stream: &mut Streaming<pb::UpdateChunk>,
+    expected_bytes: usize,
+    limit: Duration,
+) -> Result<Vec<u8>, Payload> {
+    let read = async {
+        let mut bytes = Vec::with_capacity(expected_bytes);
+        while let Some(chunk) = stream.message().await.map_err(Payload::Transport)? {
+            let data = match chunk.part {
+                Some(pb::update_chunk::Part::Data(data)) => data,
+                Some(pb::update_chunk::Part::Header(_)) => {
+                    let reason = "a second header in one update";
+                    return Err(Payload::Refused(Error::InvalidRequest(reason.into())));
+                }
+                None => {
+                    let reason = "an update chunk with neither header nor data";
+                    return Err(Payload::Refused(Error::InvalidRequest(reason.into())));
+                }
+            };
+            if data.is_empty() {
+                let reason = "an empty data chunk in an update";
+                return Err(Payload::Refused(Error::InvalidRequest(reason.into())));
+            }
+            if bytes.len() + data.len() > expected_bytes {
+                return Err(Payload::Refused(Error::InvalidRequest(format!(
+                    "update payload exceeds the {expected_bytes} bytes its header announced"
+                ))));
+            }
+            bytes.extend_from_slice(&data);
+        }
+        Ok(bytes)
+    };
+    match tokio::time::timeout(limit, read).await {
+        Ok(read) => read,
+        Err(_) => Err(Payload::Refused(Error::WrongRound(
+            "the update was still streaming after the round's deadline".into(),
+        ))),
+    }
+}
+
+/// Logs why a node's request was refused, then maps the error. An unknown session is what
+/// every node meets once after the coordinator restarts, so it is not a warning.
 fn refuse(session: &str, error: Error) -> Status {
     let session_prefix: String = session.chars().take(8).collect();
-    warn!(session = %session_prefix, %error, "request refused");
+    match &error {
+        Error::UnknownSession => {
+            info!(session = %session_prefix, "request from an unknown session; the node must join again");
+        }
+        _ => warn!(session = %session_prefix, %error, "request refused"),
+    }
     status_of(error)
+}
+
+/// Logs a refused join (no session yet), then maps the error.
+fn refuse_join(error: Error) -> Status {
+    warn!(%error, "join refused");
+    status_of(error)
+}
+
+/// Logs a stream that failed under the transport (a message over the size limit, a peer that
+/// went away) and passes its status on.
+fn refuse_stream(session: &str, status: Status) -> Status {
+    let session_prefix: String = session.chars().take(8).collect();
+    warn!(
+        session = %session_prefix,
+        code = ?status.code(),
+        message = status.message(),
+        "update stream failed"
+    );
+    status
+}
+
+/// The error to report for a store failure while reading `version`.
+fn store_error(version: u64, error: StoreError) -> Error {
+    match error {
+        StoreError::NotFound { .. } => Error::VersionNotFound(version),
+        other => Error::Store(other),
+    }
 }
 
 /// The one mapping from coordinator errors to gRPC status codes.
@@ -273,9 +387,11 @@ pub fn status_of(error: Error) -> Status {
         Error::InvalidRequest(_) => Status::invalid_argument(error.to_string()),
         Error::VersionNotFound(_) => Status::not_found(error.to_string()),
         Error::ShuttingDown => Status::unavailable(error.to_string()),
-        Error::Store(crate::store::StoreError::Damaged { .. }) => {
+        Error::Store(StoreError::Damaged { version, .. }) => {
             error!(%error, "refusing to serve a damaged version");
-            Status::data_loss("that version is damaged in the coordinator's store")
+            Status::data_loss(format!(
+                "version {version} is damaged in the coordinator's store and is not served"
+            ))
         }
         other => {
             error!(error = %other, "internal error");
@@ -397,29 +513,63 @@ impl Admin for AdminService {
             federation: status.federation,
             round: status.round,
             stage: status.stage.to_string(),
-            connected_nodes: status.connected_nodes as u32,
+            connected_nodes: u32::try_from(status.connected_nodes).unwrap_or(u32::MAX),
             latest_version: Some(status.latest_version),
             rounds_completed: status.rounds_completed,
             rounds_abandoned: status.rounds_abandoned,
+            paused: status.paused,
+            rounds_total: status.rounds_total,
+            damaged_versions: status
+                .damaged_versions
+                .into_iter()
+                .map(|(version, reason)| pb::DamagedVersion { version, reason })
+                .collect(),
+            node_privacy: status.node_privacy.as_ref().map(spending_to_wire),
+            finished_reason: status.finished.unwrap_or_default(),
         }))
+    }
+
+    async fn list_nodes(
+        &self,
+        _request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let nodes = self
+            .coordinator
+            .nodes()
+            .into_iter()
+            .map(|node| pb::NodeInfo {
+                node_id: node.node.0,
+                session_age_ms: millis(node.session_age),
+                last_seen_ms: millis(node.last_seen),
+                connected: node.connected,
+                rounds_contributed: node.rounds_contributed,
+                dataset: node.fingerprint.map(|f| pb::DatasetFingerprint {
+                    sha256: f.sha256,
+                    rows: f.rows,
+                }),
+                round_state: node.round_state.unwrap_or_default().to_string(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
     async fn list_versions(
         &self,
         _request: Request<pb::ListVersionsRequest>,
     ) -> Result<Response<pb::ListVersionsResponse>, Status> {
-        let store = self.coordinator.store();
-        let entries = tokio::task::spawn_blocking(move || store.list())
-            .await
-            .map_err(|_| Status::internal("listing versions failed"))?;
-        let manifests_json = entries
-            .into_iter()
-            .filter_map(|entry| match entry.status {
-                VersionStatus::Valid(m) => serde_json::to_string(&m).ok(),
-                VersionStatus::Damaged(_) => None,
-            })
-            .collect();
-        Ok(Response::new(pb::ListVersionsResponse { manifests_json }))
+        // The listing is cached in memory: no need for a blocking task.
+        let mut response = pb::ListVersionsResponse::default();
+        for entry in self.coordinator.store().list() {
+            match entry.status {
+                VersionStatus::Valid(m) => response.manifests_json.push(manifest_json(&m)?),
+                VersionStatus::Damaged(cause) => response.damaged.push(pb::DamagedVersion {
+                    version: entry.version,
+                    reason: store::error_chain(&cause),
+                }),
+            }
+        }
+        Ok(Response::new(response))
     }
 
     async fn get_version(
@@ -427,18 +577,97 @@ impl Admin for AdminService {
         request: Request<pb::GetVersionRequest>,
     ) -> Result<Response<pb::GetVersionResponse>, Status> {
         let version = request.into_inner().version;
-        let store = self.coordinator.store();
-        let manifest = tokio::task::spawn_blocking(move || store.manifest(version))
-            .await
-            .map_err(|_| Status::internal("reading the manifest failed"))?
-            .map_err(|e| match e {
-                crate::store::StoreError::NotFound { .. } => {
-                    status_of(Error::VersionNotFound(version))
-                }
-                e => status_of(Error::Store(e)),
-            })?;
-        let manifest_json = serde_json::to_string_pretty(&manifest)
-            .map_err(|_| Status::internal("encoding the manifest failed"))?;
+        let manifest = self
+            .coordinator
+            .store()
+            .manifest(version)
+            .map_err(|e| status_of(store_error(version, e)))?;
+        let manifest_json = manifest_json(&manifest)?;
         Ok(Response::new(pb::GetVersionResponse { manifest_json }))
+    }
+
+    type ExportVersionStream = BoxStream<pb::ExportChunk>;
+
+    async fn export_version(
+        &self,
+        request: Request<pb::ExportVersionRequest>,
+    ) -> Result<Response<Self::ExportVersionStream>, Status> {
+        let version = request.into_inner().version;
+        let store = self.coordinator.store();
+        // `weights_bytes` checks the file against the manifest's hash and marks the version
+        // damaged if it does not match, so a damaged version is never exported.
+        let read = tokio::task::spawn_blocking(move || {
+            let manifest = store.manifest(version)?;
+            let weights = store.weights_bytes(version)?;
+            Ok::<_, StoreError>((manifest, weights))
+        })
+        .await
+        .map_err(|_| Status::internal("reading the version failed"))?;
+        let (manifest, weights) = read.map_err(|e| status_of(store_error(version, e)))?;
+        debug!(version, bytes = weights.len(), "exporting a version");
+
+        let header = pb::ExportHeader {
+            version,
+            manifest_json: manifest_json(&manifest)?,
+            size_bytes: weights.len() as u64,
+            weights_sha256: manifest.weights_sha256.clone(),
+        };
+        let mut chunks = vec![Ok(pb::ExportChunk {
+            part: Some(pb::export_chunk::Part::Header(header)),
+        })];
+        chunks.extend(weights.chunks(CHUNK_BYTES).map(|c| {
+            Ok(pb::ExportChunk {
+                part: Some(pb::export_chunk::Part::Data(c.to_vec())),
+            })
+        }));
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    async fn pause_rounds(
+        &self,
+        _request: Request<pb::PauseRoundsRequest>,
+    ) -> Result<Response<pb::PauseRoundsResponse>, Status> {
+        let paused = self.coordinator.pause_rounds();
+        Ok(Response::new(pb::PauseRoundsResponse {
+            was_paused: paused.was_paused,
+            open_round: paused.open_round,
+        }))
+    }
+
+    async fn resume_rounds(
+        &self,
+        _request: Request<pb::ResumeRoundsRequest>,
+    ) -> Result<Response<pb::ResumeRoundsResponse>, Status> {
+        let was_paused = self.coordinator.resume_rounds();
+        Ok(Response::new(pb::ResumeRoundsResponse { was_paused }))
+    }
+}
+
+/// A manifest as the store writes it (pretty JSON).
+fn manifest_json(manifest: &Manifest) -> Result<String, Status> {
+    serde_json::to_string_pretty(manifest).map_err(|e| {
+        error!(version = manifest.version, error = %e, "encoding a manifest failed");
+        Status::internal("encoding the manifest failed")
+    })
+}
+
+fn spending_to_wire(spending: &Spending) -> pb::NodePrivacyBudget {
+    pb::NodePrivacyBudget {
+        epsilon_spent: spending.epsilon_spent,
+        epsilon_budget: spending.epsilon_budget,
+        delta: spending.delta,
+        accountant: accountant_name(spending.accountant).to_owned(),
+        noise_multiplier: spending.noise_multiplier,
+        update_clip_norm: spending.update_clip_norm,
+        rounds: spending.rounds,
+        version: spending.version,
+    }
+}
+
+/// The accountant's name as written in configs and manifests.
+fn accountant_name(accountant: Accountant) -> &'static str {
+    match accountant {
+        Accountant::Rdp => "rdp",
+        Accountant::Pld => "pld",
     }
 }

@@ -120,7 +120,9 @@ pub fn weighted_mean(
     if contributions.is_empty() {
         return Err(AggregateError::Empty);
     }
-    let total: u64 = contributions.iter().map(|c| c.weight).sum();
+    // Weights are self-reported by nodes; summed in u128, no number of u64 weights that fits
+    // in memory can overflow.
+    let total: u128 = contributions.iter().map(|c| u128::from(c.weight)).sum();
     if total == 0 {
         return Err(AggregateError::ZeroWeight {
             count: contributions.len(),
@@ -199,6 +201,15 @@ mod tests {
             fedavg(&[0.0], &updates),
             Err(AggregateError::ZeroWeight { count: 2 })
         );
+    }
+
+    #[test]
+    fn the_largest_weights_do_not_overflow() {
+        let updates = [
+            contribution(u64::MAX, &[1.0]),
+            contribution(u64::MAX, &[3.0]),
+        ];
+        assert_eq!(weighted_mean(1, &updates).unwrap(), vec![2.0]);
     }
 
     #[test]

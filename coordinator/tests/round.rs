@@ -393,3 +393,31 @@ async fn run_mlp_federation(order: &[usize]) -> Vec<(Vec<u8>, String)> {
         })
         .collect()
 }
+
+#[tokio::test]
+async fn a_node_that_declines_for_good_is_never_asked_again() {
+    let federation = Federation::start(|config| {
+        config.rounds.min_nodes = 2;
+        config.rounds.min_updates = Some(1);
+    });
+    let coordinator = federation.coordinator.clone();
+    let sessions = federation.join(3);
+    let tasks = federation.tasks(&sessions).await;
+
+    // node-2 leaves (its budget is spent); a one-off decline keeps node-1 in the federation.
+    coordinator
+        .decline(&sessions[2], tasks[2].round, "budget spent".into(), true)
+        .expect("decline accepted");
+    coordinator
+        .decline(&sessions[1], tasks[1].round, "busy".into(), false)
+        .expect("decline accepted");
+    assert_eq!(coordinator.status().connected_nodes, 2);
+    let gone = coordinator.wait_for_task(&sessions[2]).await;
+    assert!(matches!(gone, Err(Error::UnknownSession)), "{gone:?}");
+
+    coordinator
+        .submit_update(&sessions[0], header(&tasks[0], 4), vec![1.0; NUM_PARAMS])
+        .expect("update accepted");
+    let (coordinator, _store) = federation.finish().await;
+    assert_eq!(coordinator.status().rounds_completed, 1);
+}

@@ -682,3 +682,79 @@ fn manifest_json_has_stable_field_names() {
     let reread = ModelStore::open(dir.path()).unwrap().manifest(1).unwrap();
     assert_eq!(reread.example_privacy.max_epsilon, Epsilon::Unbounded);
 }
+
+#[test]
+fn read_only_open_leaves_a_partial_version_alone_and_refuses_to_publish() {
+    let spec = logistic();
+    let (dir, store) = store_with(spec, 2);
+    // What a publish in progress in the owning process looks like from outside.
+    let partial = dir.path().join("versions").join(".partial-000002");
+    fs::create_dir(&partial).unwrap();
+    fs::write(partial.join("weights.safetensors"), b"half").unwrap();
+
+    let reader = ModelStore::open_read_only(dir.path()).unwrap();
+
+    assert!(partial.join("weights.safetensors").exists());
+    assert_eq!(reader.next_version(), 2);
+    assert_eq!(reader.latest().unwrap().version, 1);
+    assert!(matches!(
+        reader.publish(trained_draft(spec, 1), &params(&spec, 2)),
+        Err(StoreError::ReadOnly { .. })
+    ));
+    assert!(partial.exists(), "a refused publish touched nothing");
+    // The owner's publish of version 2 is unaffected by the reader.
+    drop(reader);
+    fs::remove_dir_all(&partial).unwrap();
+    assert_eq!(
+        store
+            .publish(trained_draft(spec, 1), &params(&spec, 2))
+            .unwrap()
+            .version,
+        2
+    );
+}
+
+#[test]
+fn read_only_open_of_a_missing_store_fails_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-store");
+    assert!(matches!(
+        ModelStore::open_read_only(&missing),
+        Err(StoreError::Io { .. })
+    ));
+    assert!(!missing.exists());
+}
+
+#[test]
+fn weights_that_travelled_are_checked_against_their_manifest() {
+    let spec = mlp();
+    let (_dir, store) = store_with(spec, 2);
+    let manifest = store.manifest(1).unwrap();
+    let mut weights = store.weights_bytes(1).unwrap();
+
+    let decoded = athanor_coordinator::store::params_from_weights(&manifest, &weights).unwrap();
+    assert_eq!(bits(&decoded), bits(&params(&spec, 1)));
+    let last = weights.len() - 1;
+    weights[last] ^= 1;
+    assert!(matches!(
+        athanor_coordinator::store::params_from_weights(&manifest, &weights),
+        Err(StoreError::HashMismatch { version: 1, .. })
+    ));
+}
+
+#[test]
+fn damaged_versions_are_listed_by_number() {
+    let spec = logistic();
+    let (dir, store) = store_with(spec, 3);
+    drop(store);
+    fs::write(
+        version_dir(dir.path(), 1).join("weights.safetensors"),
+        b"garbage",
+    )
+    .unwrap();
+
+    let store = ModelStore::open(dir.path()).unwrap();
+    let damaged: Vec<u64> = store.damaged().iter().map(|(v, _)| *v).collect();
+    assert_eq!(damaged, vec![1]);
+    assert_eq!(store.latest().unwrap().version, 2);
+}

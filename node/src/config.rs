@@ -19,7 +19,14 @@
 //! id = "clinic-a"
 //!
 //! [coordinator]
-//! address = "http://127.0.0.1:50051"
+//! address = "https://127.0.0.1:50051"
+//!
+//! # Mutual TLS, the default: the files `athanor-coordinator certs issue` writes. Without this
+//! # section the node refuses to start unless run with --insecure (and an http:// address).
+//! [tls]
+//! ca = "ca.crt"
+//! cert = "node.crt"
+//! key = "node.key"
 //!
 //! [data]
 //! path = "adult_train.csv.gz"
@@ -54,6 +61,10 @@ pub struct NodeConfig {
     pub node: NodeSection,
     /// Where the coordinator is.
     pub coordinator: CoordinatorSection,
+    /// How this node proves who it is, and checks who answers: mutual TLS. Required unless
+    /// the node runs with `--insecure`, which ignores it.
+    #[serde(default)]
+    pub tls: Option<TlsSection>,
     /// The local data.
     pub data: DataSection,
     /// The privacy budget and floor.
@@ -72,7 +83,8 @@ pub struct NodeSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CoordinatorSection {
-    /// URL of the coordinator, e.g. `http://127.0.0.1:50051`.
+    /// URL of the coordinator: `https://host:port`, or `http://` for a node run with
+    /// `--insecure`.
     pub address: String,
     /// Longest pause between reconnection attempts, in seconds.
     #[serde(default = "default_max_backoff")]
@@ -81,6 +93,27 @@ pub struct CoordinatorSection {
 
 fn default_max_backoff() -> u64 {
     30
+}
+
+/// `[tls]`: this node's side of mutual TLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// The federation's CA certificate (PEM): the only issuer trusted for the coordinator's
+    /// certificate.
+    pub ca: PathBuf,
+    /// This node's certificate (PEM), naming its id. Without it and `key` the node cannot
+    /// prove who it is, and coordinators refuse it; it warns at start.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// The private key of `cert` (PEM).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// The name the coordinator's certificate must cover, when it is not the host of
+    /// `[coordinator] address` (dialing through a tunnel, or by an address the certificate
+    /// does not list).
+    #[serde(default)]
+    pub server_name: Option<String>,
 }
 
 /// `[data]`.
@@ -159,9 +192,15 @@ impl NodeConfig {
         })?;
         let mut config = Self::parse(&text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
+        let tls = config.tls.iter_mut().flat_map(|tls| {
+            std::iter::once(&mut tls.ca)
+                .chain(tls.cert.as_mut())
+                .chain(tls.key.as_mut())
+        });
         let files = [&mut config.data.path, &mut config.data.schema]
             .into_iter()
-            .chain(config.privacy.ledger.as_mut());
+            .chain(config.privacy.ledger.as_mut())
+            .chain(tls);
         for file in files {
             if file.is_relative() {
                 *file = base.join(&*file);
@@ -219,6 +258,11 @@ impl NodeConfig {
             return Err(format!(
                 "[coordinator] address {address:?} must start with http:// or https://"
             ));
+        }
+        if let Some(tls) = &self.tls
+            && tls.cert.is_some() != tls.key.is_some()
+        {
+            return Err("[tls] cert and key go together: set both, or neither".into());
         }
         let t = self.data.test_fraction;
         if !(0.0..1.0).contains(&t) {

@@ -5,6 +5,7 @@
 //! - [`data`]: loading and validating local CSV data against a schema of public bounds;
 //! - [`ledger`]: the file on disk that records every round's privacy spending;
 //! - [`budget`]: the check that keeps every round within the operator's budget;
+//! - [`transport`]: reaching the coordinator over mutual TLS, or plaintext with `--insecure`;
 //! - [`client`]: the wire protocol, seen from the node;
 //! - [`worker`]: the main loop (join, poll, check, train, record, submit);
 //! - [`calculator`]: the `privacy` command-line calculator, shared with the simulator.
@@ -17,6 +18,7 @@ pub mod client;
 pub mod config;
 pub mod data;
 pub mod ledger;
+pub mod transport;
 pub mod worker;
 
 use std::path::PathBuf;
@@ -48,7 +50,10 @@ pub enum Error {
     #[error(transparent)]
     Data(#[from] data::DataError),
     /// A call to the coordinator failed.
-    #[error("{call} to coordinator at {address} failed: {}", describe(status))]
+    #[error(
+        "{call} to coordinator at {address} failed: {}",
+        describe(status, address)
+    )]
     Rpc {
         /// The coordinator's address.
         address: String,
@@ -69,11 +74,22 @@ pub enum Error {
     /// The privacy ledger cannot be read or written; the node does not train without it.
     #[error(transparent)]
     Ledger(#[from] ledger::LedgerError),
+    /// Transport security cannot be set up: `[tls]` missing, a file unusable or expired, or a
+    /// certificate naming another node.
+    #[error("transport security: {0}")]
+    Tls(String),
 }
 
-/// A status in words a node operator can act on.
-fn describe(status: &tonic::Status) -> String {
+/// A status in words a node operator can act on: what went wrong and what to change, when the
+/// failure is one [`athanor_tls::explain`] recognises, then what the transport said.
+fn describe(status: &tonic::Status, address: &str) -> String {
     use std::error::Error as _;
+    let dialed = if address.starts_with("https://") {
+        athanor_tls::explain::Dialed::Tls
+    } else {
+        athanor_tls::explain::Dialed::Plaintext
+    };
+    let explained = athanor_tls::explain::explain(status, transport::settings(dialed));
     let mut text = match status.code() {
         tonic::Code::Unavailable => format!("coordinator unreachable ({})", status.message()),
         code => format!("{code:?}: {}", status.message()),
@@ -84,5 +100,8 @@ fn describe(status: &tonic::Status) -> String {
         text.push_str(&cause.to_string());
         source = cause.source();
     }
-    text
+    match explained {
+        Some(why) => format!("{why} ({text})"),
+        None => text,
+    }
 }

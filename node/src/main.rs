@@ -7,9 +7,9 @@ use anyhow::{Context, Result};
 use athanor_node::budget::Summary;
 use athanor_node::calculator::PrivacyCommand;
 use athanor_node::ledger::Ledger;
-use athanor_node::{Node, NodeConfig, Randomness};
+use athanor_node::{Node, NodeConfig, Randomness, transport};
+use athanor_tls::ClientSecurity;
 use clap::{Parser, Subcommand};
-use tonic::transport::Endpoint;
 use tracing_subscriber::EnvFilter;
 
 /// An Athanor node: trains on local data with DP-SGD and sends only clipped, noised updates to
@@ -26,10 +26,15 @@ enum Command {
     /// Join the coordinator and train in every round this node is selected for, until the
     /// federation finishes.
     Run {
-        /// Node configuration file (TOML): coordinator address, data path, schema, privacy
-        /// floor. See the README's configuration reference.
+        /// Node configuration file (TOML): coordinator address, TLS files, data path, schema,
+        /// privacy floor. See the README's configuration reference.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// Dial the coordinator in plaintext (an http:// address), ignoring [tls]: nobody
+        /// checks who answers, and anyone on the path can read and change this node's
+        /// updates. For tests on a trusted machine only; warns at every start.
+        #[arg(long)]
+        insecure: bool,
     },
     /// Load and validate the configured data and privacy ledger without contacting anyone,
     /// and print a summary. Creates an empty ledger if there is none, as `run` would.
@@ -74,7 +79,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run { config } => run_node(config),
+        Command::Run { config, insecure } => run_node(config, insecure),
         Command::Check { config } => {
             let config = load(&config)?;
             let budget = config.privacy.budget();
@@ -160,19 +165,26 @@ fn load(path: &Path) -> Result<NodeConfig> {
     NodeConfig::load(path).with_context(|| format!("loading node config {}", path.display()))
 }
 
-fn run_node(path: PathBuf) -> Result<()> {
+fn run_node(path: PathBuf, insecure: bool) -> Result<()> {
     let config = load(&path)?;
-    let address = config.coordinator.address.clone();
-    let node = Node::load(config, Randomness::OperatingSystem).context(
+    let security = transport::security(&config, insecure)
+        .with_context(|| format!("setting up the connection configured in {}", path.display()))?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    // The channel needs the runtime; it dials nobody until the node's first call.
+    let channel = {
+        let _entered = runtime.enter();
+        transport::channel(&config, &security).with_context(|| {
+            format!("setting up the connection configured in {}", path.display())
+        })?
+    };
+    let mut node = Node::load(config, Randomness::OperatingSystem).context(
         "loading the node's data and privacy ledger; the node does not start if either is bad",
     )?;
+    if let ClientSecurity::MutualTls(tls) = security {
+        node.diagnose_refusals_with(*tls);
+    }
 
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
-        let channel = Endpoint::from_shared(address.clone())
-            .with_context(|| format!("coordinator address {address:?} is not a valid URL"))?
-            .connect_timeout(std::time::Duration::from_secs(10))
-            .connect_lazy();
         let summary = node
             .run(channel, async {
                 let _ = tokio::signal::ctrl_c().await;

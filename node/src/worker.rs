@@ -16,6 +16,7 @@ use std::time::Duration;
 use athanor_core::dpsgd::{self, DpSgdParams, TrainingPlan};
 use athanor_core::model::{self, ModelSpec};
 use athanor_core::plan::RoundPlan;
+use athanor_tls::ClientTls;
 use ndarray::ArrayView2;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -67,6 +68,8 @@ pub struct Node {
     budget: Budget,
     rounds_trained: u64,
     rounds_declined: u64,
+    /// The TLS files to dial with once more when a join fails without saying why.
+    diagnosis: Option<ClientTls>,
 }
 
 impl Node {
@@ -132,6 +135,7 @@ impl Node {
             budget,
             rounds_trained: 0,
             rounds_declined: 0,
+            diagnosis: None,
         })
     }
 
@@ -220,6 +224,14 @@ impl Node {
         Ok(self.ledger.append(entry)?)
     }
 
+    /// Lets the node find out why a join failed when the transport does not say: under TLS 1.3
+    /// a coordinator refuses a certificate after the node's side of the handshake is done, and
+    /// the refusal can be lost to a bare "connection closed". The node then dials once more with
+    /// `tls`, outside gRPC, to read the refusal (see [`ClientTls::diagnose`]).
+    pub fn diagnose_refusals_with(&mut self, tls: ClientTls) {
+        self.diagnosis = Some(tls);
+    }
+
     /// Works for the coordinator behind `channel` until the federation finishes or `shutdown`
     /// resolves.
     ///
@@ -255,7 +267,8 @@ impl Node {
             {
                 Ok(session) => session,
                 Err(e) if is_transient(&e) => {
-                    warn!(error = %e, retry_in = ?backoff, "cannot join the coordinator; retrying");
+                    let error = crate::transport::why(self.diagnosis.as_ref(), &e).await;
+                    warn!(%error, retry_in = ?backoff, "cannot join the coordinator; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(max_backoff);
                     continue;

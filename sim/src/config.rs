@@ -286,6 +286,8 @@ impl SimConfig {
                 address: "http://in-memory.invalid".into(),
                 max_backoff_secs: 1,
             },
+            // The in-memory transport needs no TLS: every virtual node is in this process.
+            tls: None,
             data: DataSection {
                 path: self.data.train.clone(),
                 schema: self.data.schema.clone(),

@@ -3,20 +3,24 @@
 //! the model store they leave behind is checked file by file. Also: what a node does when no
 //! coordinator answers.
 //!
+//! These processes talk plaintext, with `--insecure` on every command line, to keep the
+//! subject the training and the store; `tls.rs` runs a federation over mutual TLS and checks
+//! who is refused.
+//!
 //! The binaries are the workspace's own, built with this test's profile ([`binaries`]). Each
 //! test runs in a [`Sandbox`]: a temporary directory holding the configs, data shards, store
 //! and one log file per stream of every child process. The sandbox kills its children when the
 //! test ends, passing or failing, and prints their logs when it fails. Every wait on a child
 //! is bounded, so a hang fails with a message naming what did not happen.
 
+mod support;
+
 use std::collections::BTreeSet;
-use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use athanor_coordinator::store::ModelStore;
@@ -26,7 +30,7 @@ use flate2::read::GzDecoder;
 use ndarray::ArrayView2;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tempfile::TempDir;
+use support::{Binaries, Sandbox, binaries, whole_lines};
 
 /// Longest the whole federation may take, start to exit; it needs a few seconds, most of them
 /// the coordinator's linger after the last round.
@@ -56,7 +60,7 @@ fn three_nodes_publish_three_private_versions_that_beat_the_initial_model() {
     fs::write(sandbox.dir().join("coordinator.toml"), COORDINATOR_CONFIG)
         .expect("write coordinator config");
     let mut serve = Command::new(&binaries.coordinator);
-    serve.args(["serve", "--config", "coordinator.toml"]);
+    serve.args(["serve", "--insecure", "--config", "coordinator.toml"]);
     sandbox.spawn("coordinator", serve);
     let address = sandbox.wait_for_log("coordinator", "stdout", deadline, |log| {
         whole_lines(log)
@@ -80,7 +84,7 @@ fn three_nodes_publish_three_private_versions_that_beat_the_initial_model() {
         );
         fs::write(sandbox.dir().join(&config), text).expect("write node config");
         let mut run = Command::new(&binaries.node);
-        run.args(["run", "--config", &config]);
+        run.args(["run", "--insecure", "--config", &config]);
         sandbox.spawn(&format!("node-{node}"), run);
     }
 
@@ -375,7 +379,7 @@ fn a_node_names_the_unreachable_coordinator_and_retries_with_growing_pauses() {
 
     // Pauses of 0.5 s, 1 s and 2 s put the third retry about 1.5 s after the first attempt.
     let mut run = Command::new(&binaries.node);
-    run.args(["run", "--config", "node.toml"]);
+    run.args(["run", "--insecure", "--config", "node.toml"]);
     sandbox.spawn("node", run);
     let deadline = Instant::now() + Duration::from_secs(30);
     let retries = sandbox.wait_for_log("node", "stderr", deadline, |log| {
@@ -459,215 +463,4 @@ fn retry_pause(line: &str) -> Duration {
         .parse()
         .unwrap_or_else(|_| panic!("retry_in={field} is not a number of units"));
     Duration::from_secs_f64(value * scale)
-}
-
-/// The workspace's binaries.
-#[derive(Debug)]
-struct Binaries {
-    coordinator: PathBuf,
-    node: PathBuf,
-}
-
-/// The coordinator and node binaries of this test's profile, next to this test's own
-/// executable (`target/<profile>/deps/..`).
-///
-/// Under cargo they are built first (`cargo build --bins`, a quick no-op when they are up to
-/// date): `cargo test` builds this crate and the libraries it uses, but not other packages'
-/// binaries, so without it the test could run binaries older than the code under test. Run
-/// directly, outside cargo, the test uses whatever binaries are there.
-fn binaries() -> &'static Binaries {
-    static BINARIES: OnceLock<Binaries> = OnceLock::new();
-    BINARIES.get_or_init(|| {
-        let test_exe = std::env::current_exe().expect("path of the test executable");
-        let profile_dir = test_exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test executable lives in target/<profile>/deps");
-        let binary =
-            |name: &str| profile_dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-        let binaries = Binaries {
-            coordinator: binary("athanor-coordinator"),
-            node: binary("athanor-node"),
-        };
-
-        if let Some(cargo) = std::env::var_os("CARGO") {
-            build_binaries(cargo, profile_dir);
-        }
-        for path in [&binaries.coordinator, &binaries.node] {
-            assert!(
-                path.is_file(),
-                "{} is missing; build it with `cargo build -p athanor-coordinator -p athanor-node`",
-                path.display()
-            );
-        }
-        binaries
-    })
-}
-
-/// Builds both binaries into `profile_dir` (`<target dir>/<profile>`) with its profile.
-fn build_binaries(cargo: OsString, profile_dir: &Path) {
-    let profile = profile_dir
-        .file_name()
-        .and_then(|name| name.to_str())
-        .expect("profile directory name");
-    let target_dir = profile_dir
-        .parent()
-        .expect("profile directory has a parent");
-
-    let mut build = Command::new(cargo);
-    build
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
-        .args([
-            "build",
-            "--bins",
-            "-p",
-            "athanor-coordinator",
-            "-p",
-            "athanor-node",
-        ])
-        .arg("--target-dir")
-        .arg(target_dir);
-    match profile {
-        "debug" => {}
-        "release" => {
-            build.arg("--release");
-        }
-        custom => {
-            build.args(["--profile", custom]);
-        }
-    }
-    let output = build.output().expect("run cargo");
-    assert!(
-        output.status.success(),
-        "building the binaries failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// The lines of a log that are complete: the last one may still be being written.
-fn whole_lines(log: &str) -> impl Iterator<Item = &str> {
-    log.split_inclusive('\n')
-        .filter_map(|line| line.strip_suffix('\n'))
-}
-
-/// One test's temporary directory and the processes it runs there.
-///
-/// Each child's stdout and stderr go to `<name>.stdout` and `<name>.stderr` in the directory.
-/// Dropping the sandbox kills every child still running, through its handle, and, when the
-/// test is failing, prints every log before the directory is deleted.
-#[derive(Debug)]
-struct Sandbox {
-    children: Vec<(String, Child)>,
-    dir: TempDir,
-}
-
-/// How often waits look at a process or a log again.
-const POLL_INTERVAL: Duration = Duration::from_millis(25);
-
-impl Sandbox {
-    fn new() -> Self {
-        Sandbox {
-            children: Vec::new(),
-            dir: TempDir::new().expect("temporary directory"),
-        }
-    }
-
-    fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Starts `command` in the directory, logging to files, with uncoloured `info` logs.
-    fn spawn(&mut self, name: &str, mut command: Command) {
-        let log = |stream: &str| {
-            File::create(self.dir().join(format!("{name}.{stream}"))).expect("create log file")
-        };
-        command
-            .current_dir(self.dir())
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log("stdout"))
-            .stderr(log("stderr"));
-        let child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        self.children.push((name.to_string(), child));
-    }
-
-    fn child(&mut self, name: &str) -> &mut Child {
-        self.children
-            .iter_mut()
-            .find(|(n, _)| n == name)
-            .map(|(_, child)| child)
-            .unwrap_or_else(|| panic!("no process named {name}"))
-    }
-
-    fn log(&self, name: &str, stream: &str) -> String {
-        let path = self.dir().join(format!("{name}.{stream}"));
-        fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-    }
-
-    fn is_running(&mut self, name: &str) -> bool {
-        matches!(self.child(name).try_wait(), Ok(None))
-    }
-
-    /// Waits until `found` finds something in the log, failing if the process exits first or
-    /// `deadline` passes.
-    fn wait_for_log<T>(
-        &mut self,
-        name: &str,
-        stream: &str,
-        deadline: Instant,
-        found: impl Fn(&str) -> Option<T>,
-    ) -> T {
-        loop {
-            if let Some(value) = found(&self.log(name, stream)) {
-                return value;
-            }
-            if let Ok(Some(status)) = self.child(name).try_wait() {
-                panic!("{name} exited with {status} before its {stream} showed what was awaited");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name}'s {stream} did not show what was awaited in time"
-            );
-            std::thread::sleep(POLL_INTERVAL);
-        }
-    }
-
-    /// Waits for the process to exit, failing when `deadline` passes.
-    fn wait_for_exit(&mut self, name: &str, deadline: Instant) -> ExitStatus {
-        loop {
-            match self.child(name).try_wait() {
-                Ok(Some(status)) => return status,
-                Ok(None) => {}
-                Err(e) => panic!("cannot wait for {name}: {e}"),
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name} is still running at the deadline"
-            );
-            std::thread::sleep(POLL_INTERVAL);
-        }
-    }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.children {
-            // Both fail only for a child that has already exited and been reaped.
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if !std::thread::panicking() {
-            return;
-        }
-        for (name, _) in &self.children {
-            for stream in ["stdout", "stderr"] {
-                let path = self.dir().join(format!("{name}.{stream}"));
-                let text = fs::read_to_string(&path).unwrap_or_else(|e| format!("({e})"));
-                eprintln!("----- {name} {stream} -----\n{text}");
-            }
-        }
-    }
 }

@@ -28,6 +28,8 @@
 //!   the directory to `NNNNNN/` and flushes `versions/`. A crash at any moment leaves either no
 //!   version or a whole one, plus possibly a `.partial-` directory, which
 //!   [`ModelStore::open`] deletes (with a warning) and whose number the next publish reuses.
+//!   [`ModelStore::open_read_only`] ignores such directories instead, since they may belong
+//!   to a publish in progress in the process that owns the store.
 //! - Nothing in a version directory is ever rewritten or deleted by the store.
 //! - `weights_sha256` in the manifest is the SHA-256 of the whole weights file. A version whose
 //!   manifest is missing or unreadable, whose weights do not match that hash or the model, or
@@ -48,8 +50,10 @@
 //! A [`ModelStore`] is `Send + Sync` and every method takes `&self`: wrap it in an `Arc` and call
 //! it from `spawn_blocking`. Publishes are serialized by an internal mutex; readers only wait for
 //! the in-memory listing, never for a publish's disk writes. The listing is cached, so
-//! [`ModelStore::list`] and [`ModelStore::latest`] do no I/O. One process may use a directory
-//! at a time; this is not enforced.
+//! [`ModelStore::list`] and [`ModelStore::latest`] do no I/O. One process may write to a
+//! directory at a time; this is not enforced. Tools that only read (the operator's CLI, tests)
+//! open it with [`ModelStore::open_read_only`], which never deletes, creates or writes
+//! anything, so it is safe next to a running coordinator.
 
 pub mod manifest;
 
@@ -148,6 +152,12 @@ pub enum StoreError {
         /// Its directory.
         path: PathBuf,
     },
+    /// The store was opened read-only, so nothing can be published to it.
+    #[error("the model store at {path} was opened read-only")]
+    ReadOnly {
+        /// The store's directory.
+        path: PathBuf,
+    },
     /// The parameter vector does not have the model's length.
     #[error("the model has {expected} parameters, got {got}")]
     WrongLength {
@@ -223,6 +233,8 @@ pub struct ModelStore {
     root: PathBuf,
     /// `root/versions`.
     versions_dir: PathBuf,
+    /// Opened with [`ModelStore::open_read_only`]: publishing is refused.
+    read_only: bool,
     /// Held for the whole of a publish, so numbers are assigned and written one at a time.
     publish_lock: Mutex<()>,
     /// Entry `i` is version `i`; the length is the next version number. Only ever grows by a
@@ -244,8 +256,37 @@ impl ModelStore {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, StoreError> {
         let root = dir.as_ref().to_path_buf();
         let versions_dir = root.join(VERSIONS_DIR);
-        fs::create_dir_all(&versions_dir).map_err(io_error(&versions_dir))?;
-        let numbers = scan_versions_dir(&versions_dir)?;
+        if !versions_dir.is_dir() {
+            fs::create_dir_all(&versions_dir).map_err(io_error(&versions_dir))?;
+            // Make the new directories themselves durable, so a crash right after the first
+            // publish cannot lose the whole store.
+            sync_dir(&root)?;
+            if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+        }
+        Self::load_listing(root, versions_dir, false)
+    }
+
+    /// Opens an existing store for reading only: nothing is created, deleted or written, and
+    /// `.partial-` directories are ignored (they may be a publish in progress in the process
+    /// that owns the store). Every version is checked as in [`ModelStore::open`].
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] if `dir/versions` does not exist or cannot be listed.
+    pub fn open_read_only(dir: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let root = dir.as_ref().to_path_buf();
+        let versions_dir = root.join(VERSIONS_DIR);
+        Self::load_listing(root, versions_dir, true)
+    }
+
+    /// Scans `versions_dir` and checks every version found.
+    fn load_listing(
+        root: PathBuf,
+        versions_dir: PathBuf,
+        read_only: bool,
+    ) -> Result<Self, StoreError> {
+        let numbers = scan_versions_dir(&versions_dir, read_only)?;
 
         // Versions are dense, so every number below the highest should be present.
         // TODO: every weights file is read and hashed here, which is fine for hundreds of
@@ -278,11 +319,12 @@ impl ModelStore {
             .iter()
             .filter(|entry| matches!(entry.status, VersionStatus::Damaged(_)))
             .count();
-        debug!(dir = %root.display(), versions = count, damaged, "model store opened");
+        debug!(dir = %root.display(), versions = count, damaged, read_only, "model store opened");
 
         Ok(ModelStore {
             root,
             versions_dir,
+            read_only,
             publish_lock: Mutex::new(()),
             entries: RwLock::new(entries),
         })
@@ -317,6 +359,18 @@ impl ModelStore {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// The damaged versions, oldest first, with what was found wrong with each.
+    pub fn damaged(&self) -> Vec<(u64, Arc<StoreError>)> {
+        let entries = self.entries.read().unwrap_or_else(PoisonError::into_inner);
+        entries
+            .iter()
+            .filter_map(|entry| match &entry.status {
+                VersionStatus::Damaged(cause) => Some((entry.version, Arc::clone(cause))),
+                VersionStatus::Valid(_) => None,
+            })
+            .collect()
     }
 
     /// The manifest of `version`.
@@ -379,8 +433,14 @@ impl ModelStore {
     /// [`StoreError::NonFiniteParameter`] if a parameter is NaN or infinite;
     /// [`StoreError::InvalidDraft`] and [`StoreError::UnknownParent`] for a bad draft;
     /// [`StoreError::VersionExists`] if another writer created the version's directory;
-    /// [`StoreError::Io`] if writing fails.
+    /// [`StoreError::ReadOnly`] for a store opened read-only; [`StoreError::Io`] if writing
+    /// fails.
     pub fn publish(&self, draft: ManifestDraft, params: &[f32]) -> Result<Manifest, StoreError> {
+        if self.read_only {
+            return Err(StoreError::ReadOnly {
+                path: self.root.clone(),
+            });
+        }
         let _publishing = self
             .publish_lock
             .lock()
@@ -492,9 +552,9 @@ impl ModelStore {
     }
 }
 
-/// Lists `versions/`: deletes partial versions, warns about and skips anything that is not a
-/// version directory name, and returns the version numbers found.
-fn scan_versions_dir(versions_dir: &Path) -> Result<BTreeSet<u64>, StoreError> {
+/// Lists `versions/`: deletes partial versions (skips them when `read_only`), warns about and
+/// skips anything that is not a version directory name, and returns the version numbers found.
+fn scan_versions_dir(versions_dir: &Path, read_only: bool) -> Result<BTreeSet<u64>, StoreError> {
     let mut numbers = BTreeSet::new();
     let mut deleted_partial = false;
     let listing = fs::read_dir(versions_dir).map_err(io_error(versions_dir))?;
@@ -506,6 +566,10 @@ fn scan_versions_dir(versions_dir: &Path) -> Result<BTreeSet<u64>, StoreError> {
             continue;
         };
 
+        if name.starts_with(PARTIAL_PREFIX) && read_only {
+            debug!(path = %path.display(), "ignoring a partial version");
+            continue;
+        }
         if name.starts_with(PARTIAL_PREFIX) {
             warn!(path = %path.display(), "deleting a version an interrupted publish left");
             let removed = if item.file_type().is_ok_and(|kind| kind.is_dir()) {
@@ -569,7 +633,12 @@ fn read_manifest(path: &Path, version: u64) -> Result<Manifest, StoreError> {
 /// Reads a weights file and checks it against the manifest's hash.
 fn read_weights(path: &Path, manifest: &Manifest) -> Result<Vec<u8>, StoreError> {
     let bytes = fs::read(path).map_err(io_error(path))?;
-    let got = hex::encode(Sha256::digest(&bytes));
+    check_hash(manifest, &bytes)?;
+    Ok(bytes)
+}
+
+fn check_hash(manifest: &Manifest, weights: &[u8]) -> Result<(), StoreError> {
+    let got = hex::encode(Sha256::digest(weights));
     if got != manifest.weights_sha256 {
         return Err(StoreError::HashMismatch {
             version: manifest.version,
@@ -577,7 +646,18 @@ fn read_weights(path: &Path, manifest: &Manifest) -> Result<Vec<u8>, StoreError>
             got,
         });
     }
-    Ok(bytes)
+    Ok(())
+}
+
+/// Decodes the bytes of a version's weights file (obtained from the store or from the admin
+/// service) into the flat parameter vector of its model, after checking them against the
+/// manifest's hash. The same checks [`ModelStore::load`] makes, for bytes that travelled.
+///
+/// # Errors
+/// [`StoreError::HashMismatch`] or [`StoreError::InvalidWeights`].
+pub fn params_from_weights(manifest: &Manifest, weights: &[u8]) -> Result<Vec<f32>, StoreError> {
+    check_hash(manifest, weights)?;
+    decode_weights(manifest.version, &manifest.model, weights)
 }
 
 /// Checks that a parameter vector fits the model and is finite.
@@ -737,8 +817,8 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
-/// An error with its causes, for one log field.
-fn error_chain(error: &StoreError) -> String {
+/// An error with its causes on one line, for a log field or an operator's report.
+pub fn error_chain(error: &StoreError) -> String {
     let mut text = error.to_string();
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
