@@ -103,6 +103,11 @@ pub struct ServerSection {
     /// Largest model, in parameters, the coordinator will store or accept updates for.
     #[serde(default = "default_max_params")]
     pub max_model_params: usize,
+    /// Requests one connection may have in flight at once (HTTP/2 streams); a node needs two
+    /// (a long poll and a transfer), so the default of 8 leaves room without letting one peer
+    /// tie up the server.
+    #[serde(default = "default_max_streams")]
+    pub max_streams_per_connection: u32,
     /// `[server.tls]`: the files of mutual TLS. Required unless the coordinator is started
     /// with `--insecure`, which ignores them.
     #[serde(default)]
@@ -138,11 +143,16 @@ fn default_max_params() -> usize {
     64 << 20
 }
 
+fn default_max_streams() -> u32 {
+    8
+}
+
 impl Default for ServerSection {
     fn default() -> Self {
         ServerSection {
             listen: default_listen(),
             max_model_params: default_max_params(),
+            max_streams_per_connection: default_max_streams(),
             tls: None,
             allowed_nodes: None,
             revoked_nodes: Vec::new(),
@@ -436,6 +446,13 @@ impl CoordinatorConfig {
             athanor_tls::identity::check_name("[server] allowed_nodes/revoked_nodes: node id", id)?;
         }
         let spec = self.model_spec()?;
+        if self.server.max_streams_per_connection < 2 {
+            return Err(format!(
+                "[server] max_streams_per_connection = {} is below 2: a node holds a long poll \
+                 open while it transfers a model",
+                self.server.max_streams_per_connection
+            ));
+        }
         if spec.num_params() > self.server.max_model_params {
             return Err(format!(
                 "[model] has {} parameters, more than [server] max_model_params = {}",

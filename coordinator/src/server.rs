@@ -132,7 +132,14 @@ where
         .max_decoding_message_size(max_bytes)
         .max_encoding_message_size(max_bytes);
     let admin = AdminServer::new(AdminService::new(coordinator.clone()));
-    let mut builder = Server::builder();
+    let streams = coordinator
+        .config()
+        .server
+        .max_streams_per_connection
+        .max(1);
+    let mut builder = Server::builder()
+        .max_concurrent_streams(streams)
+        .concurrency_limit_per_connection(streams as usize);
     let router = match access {
         Some(access) => builder
             .add_service(InterceptedService::new(federation, access.nodes()))
