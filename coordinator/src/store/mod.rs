@@ -727,6 +727,19 @@ fn encode_weights(version: u64, model: &ModelSpec, params: &[f32]) -> Vec<u8> {
 /// model's tensors, as finite `F32` values of the right shapes.
 fn decode_weights(version: u64, model: &ModelSpec, bytes: &[u8]) -> Result<Vec<f32>, StoreError> {
     let invalid = |message: String| StoreError::InvalidWeights { version, message };
+    // The manifest's model is not covered by the weights' hash: check it before it sizes any
+    // allocation, so a damaged manifest marks its version damaged instead of aborting.
+    model
+        .validate()
+        .map_err(|error| invalid(format!("the manifest's model is invalid: {error}")))?;
+    let needed = model.num_params().checked_mul(4);
+    if needed.is_none_or(|needed| needed > bytes.len()) {
+        return Err(invalid(format!(
+            "the manifest's model has {} parameters, more than the {} bytes of weights hold",
+            model.num_params(),
+            bytes.len()
+        )));
+    }
     let file = SafeTensors::deserialize(bytes).map_err(|error| invalid(error.to_string()))?;
     let views = model.tensors();
     if file.len() != views.len() {
