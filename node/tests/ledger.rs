@@ -562,3 +562,75 @@ fn budget_command_fails_on_a_corrupt_ledger_naming_the_line() {
     assert!(stderr.contains("line 2"), "{stderr}");
     assert!(stderr.contains(&ledger.display().to_string()), "{stderr}");
 }
+
+#[test]
+fn an_approved_round_records_the_sampling_rate_of_the_batch_over_the_training_rows() {
+    // Rows counted from the file itself, not from the loaded dataset: every line but the
+    // header is one training row, since the test node holds none out.
+    let mut text = String::new();
+    let file = fs::File::open(bundled("adult_numeric_train.csv.gz")).unwrap();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(file), &mut text).unwrap();
+    let rows = text.lines().skip(1).filter(|line| !line.is_empty()).count();
+    assert_eq!(rows, adult().rows());
+    let q = 256.0 / rows as f64;
+
+    let dir = TempDir::new().unwrap();
+    let ledger = dir.path().join("ledger.jsonl");
+    let mut node = node(config(100.0, &ledger, "")).unwrap();
+    try_round(&mut node, 1, &plan()).unwrap();
+
+    let recorded = &Ledger::read(&ledger).unwrap().entries[0];
+    assert_eq!(recorded.q, q);
+    assert_eq!(recorded.rows, rows as u64);
+    // One local epoch is 1 / q steps, rounded up; a rate derived from a count of batches
+    // (one over ceil(rows / 256)) would differ from q in the fourth significant digit.
+    assert_eq!(recorded.steps, (1.0 / q).ceil() as u64);
+    let per_batch = 1.0 / rows.div_ceil(256) as f64;
+    assert!(
+        (recorded.q - per_batch).abs() > 1e-6,
+        "{} vs {per_batch}",
+        recorded.q
+    );
+}
+
+#[test]
+fn scaling_the_clipping_norm_scales_the_noise_and_leaves_epsilon_unchanged() {
+    let dir = TempDir::new().unwrap();
+    let ledger = dir.path().join("ledger.jsonl");
+    let mut node = node(config(100.0, &ledger, "max_clip_norm = 4.0")).unwrap();
+    // Some history first, so both plans are composed with the same earlier spending.
+    try_round(&mut node, 1, &plan()).unwrap();
+
+    // The noise's standard deviation is sigma C: 1.3 at C = 1, 5.2 at C = 4.
+    let sigma = 1.3;
+    let with_clip = |clip_norm: f64| {
+        let mut plan = plan();
+        plan.dp = Some(DpSgdRequest {
+            clip_norm,
+            noise_multiplier: sigma,
+        });
+        match node.review(&plan, DIMENSION).unwrap() {
+            Review::Approved(approval) => approval,
+            Review::Declined(reason) => panic!("clip norm {clip_norm} declined: {reason}"),
+        }
+    };
+    let small = with_clip(1.0);
+    let large = with_clip(4.0);
+
+    assert_eq!(small.charge().dp.unwrap().clip_norm, 1.0);
+    assert_eq!(large.charge().dp.unwrap().clip_norm, 4.0);
+    assert_eq!(small.charge().charged_sigma, large.charge().charged_sigma);
+    assert!(small.epsilon_after() > node.epsilon().unwrap());
+    assert_eq!(small.epsilon_after(), large.epsilon_after());
+
+    // A clipping norm above the node's limit is still refused.
+    let mut above = plan();
+    above.dp = Some(DpSgdRequest {
+        clip_norm: 4.5,
+        noise_multiplier: sigma,
+    });
+    assert!(matches!(
+        node.review(&above, DIMENSION).unwrap(),
+        Review::Declined(_)
+    ));
+}
