@@ -20,13 +20,11 @@
 //! Every child is killed when the test ends, passing or failing; on failure the logs of the
 //! last coordinator runs and the tail of every node's log are printed.
 
-use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::Read;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use athanor_coordinator::store::{ModelStore, VersionStatus};
@@ -34,6 +32,9 @@ use flate2::read::GzDecoder;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
+
+mod support;
+use support::{Binaries, binaries};
 
 /// Kills of the coordinator, each followed by a restart.
 const KILLS: usize = 22;
@@ -383,89 +384,6 @@ impl SplitMix64 {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
-}
-
-/// The workspace's binaries.
-#[derive(Debug)]
-struct Binaries {
-    coordinator: PathBuf,
-    node: PathBuf,
-}
-
-/// The coordinator and node binaries of this test's profile, next to the test executable
-/// (`target/<profile>/deps/..`). Under cargo they are built first, which is a quick no-op when
-/// they are up to date: `cargo test` does not build other packages' binaries, so without it the
-/// test could run stale ones.
-fn binaries() -> &'static Binaries {
-    static BINARIES: OnceLock<Binaries> = OnceLock::new();
-    BINARIES.get_or_init(|| {
-        let test_exe = std::env::current_exe().expect("path of the test executable");
-        let profile_dir = test_exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test executable lives in target/<profile>/deps");
-        let binary =
-            |name: &str| profile_dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-        let binaries = Binaries {
-            coordinator: binary("athanor-coordinator"),
-            node: binary("athanor-node"),
-        };
-        if let Some(cargo) = std::env::var_os("CARGO") {
-            build(cargo, profile_dir);
-        }
-        for path in [&binaries.coordinator, &binaries.node] {
-            assert!(
-                path.is_file(),
-                "{} is missing; build it with `cargo build -p athanor-coordinator -p athanor-node`",
-                path.display()
-            );
-        }
-        binaries
-    })
-}
-
-/// `cargo build` of both binaries into `profile_dir`, with its profile.
-fn build(cargo: OsString, profile_dir: &Path) {
-    let profile = profile_dir
-        .file_name()
-        .and_then(|name| name.to_str())
-        .expect("profile directory name");
-    let mut command = Command::new(cargo);
-    // Without the package variables cargo sets for tests: ring's build script reruns when
-    // they change, and the build would then rebuild what depends on it, twice per test run.
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy();
-        if name.starts_with("CARGO_") && name != "CARGO_HOME" {
-            command.env_remove(&*name);
-        }
-    }
-    command
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
-        .args([
-            "build",
-            "--bins",
-            "-p",
-            "athanor-coordinator",
-            "-p",
-            "athanor-node",
-        ])
-        .arg("--target-dir")
-        .arg(profile_dir.parent().expect("target directory"));
-    match profile {
-        "debug" => {}
-        "release" => {
-            command.arg("--release");
-        }
-        other => {
-            command.args(["--profile", other]);
-        }
-    }
-    let output = command.output().expect("run cargo");
-    assert!(
-        output.status.success(),
-        "building the binaries failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 /// The test's temporary directory and the processes running in it, each logging to
