@@ -43,6 +43,12 @@
 //! dp = "on"            # "off" must be written out; it is reported everywhere
 //! clip_norm = 1.0
 //! noise_multiplier = 1.0
+//!
+//! # Optional: secure aggregation is the default. `mode = "plain"` lets the coordinator see
+//! # every update (for debugging and robust aggregators) and warns at every start.
+//! [aggregation]
+//! mode = "secure"
+//! update_clip_norm = 10.0   # without [node_privacy]; with it, its update_clip_norm is used
 //! ```
 
 use std::net::SocketAddr;
@@ -83,6 +89,101 @@ pub struct CoordinatorConfig {
     /// example-level guarantees hold.
     #[serde(default)]
     pub node_privacy: Option<NodePrivacySection>,
+    /// How updates are combined: secure aggregation unless written otherwise.
+    #[serde(default)]
+    pub aggregation: AggregationSection,
+}
+
+/// Whether the coordinator may see individual updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AggregationMode {
+    /// Secure aggregation: the coordinator learns only the sum of the surviving nodes'
+    /// quantized updates (and, with `[node_privacy]`, only a noised sum).
+    #[default]
+    Secure,
+    /// Every update reaches the coordinator in the clear: for debugging, and for aggregators
+    /// that must see each update.
+    Plain,
+}
+
+/// `[aggregation]`: how updates are combined, and the parameters of secure aggregation
+/// (see `athanor_core::secagg` for what each one does).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregationSection {
+    /// `secure` (the default) or `plain`.
+    #[serde(default)]
+    pub mode: AggregationMode,
+    /// L2 bound S each node clips its update to before quantizing, when `[node_privacy]` is
+    /// absent (with it, `[node_privacy] update_clip_norm` is the bound). Nodes warn when they
+    /// clip.
+    #[serde(default)]
+    pub update_clip_norm: Option<f64>,
+    /// Bits `b` of the ring `Z_{2^b}` masked vectors live in, at most 32.
+    #[serde(default = "default_ring_bits")]
+    pub ring_bits: u32,
+    /// Spread each update with a seeded random rotation before rounding, so that no
+    /// coordinate carries much of its norm.
+    #[serde(default = "default_true")]
+    pub rotation: bool,
+    /// Shamir threshold as a percentage of a node's neighbourhood, 51 to 100.
+    #[serde(default = "default_threshold_percent")]
+    pub threshold_percent: u32,
+    /// Cohorts up to this size use the complete neighbour graph.
+    #[serde(default = "default_complete_graph_max")]
+    pub complete_graph_max: usize,
+    /// Neighbours of each node in larger cohorts (even).
+    #[serde(default = "default_degree")]
+    pub degree: usize,
+    /// Seconds each of the short stages (keys, shares, unmasking) waits for the cohort. The
+    /// masked inputs, which follow local training, wait until the round's deadline.
+    #[serde(default = "default_stage_deadline")]
+    pub stage_deadline_secs: f64,
+    /// The sum may wrap around the ring with probability at most `2^-tail_bits`.
+    #[serde(default = "default_tail_bits")]
+    pub tail_bits: u32,
+}
+
+fn default_ring_bits() -> u32 {
+    32
+}
+fn default_true() -> bool {
+    true
+}
+fn default_threshold_percent() -> u32 {
+    67
+}
+fn default_complete_graph_max() -> usize {
+    64
+}
+fn default_degree() -> usize {
+    20
+}
+fn default_stage_deadline() -> f64 {
+    60.0
+}
+fn default_tail_bits() -> u32 {
+    40
+}
+
+/// S for secure aggregation without `[node_privacy]`.
+pub const DEFAULT_SECURE_CLIP_NORM: f64 = 10.0;
+
+impl Default for AggregationSection {
+    fn default() -> Self {
+        AggregationSection {
+            mode: AggregationMode::Secure,
+            update_clip_norm: None,
+            ring_bits: default_ring_bits(),
+            rotation: true,
+            threshold_percent: default_threshold_percent(),
+            complete_graph_max: default_complete_graph_max(),
+            degree: default_degree(),
+            stage_deadline_secs: default_stage_deadline(),
+            tail_bits: default_tail_bits(),
+        }
+    }
 }
 
 /// `[federation]`.
@@ -499,7 +600,83 @@ impl CoordinatorConfig {
         if let Some(node) = &self.node_privacy {
             node.check()?;
         }
+        if self.aggregation.mode == AggregationMode::Secure {
+            self.check_secure()?;
+        }
         Ok(())
+    }
+
+    fn check_secure(&self) -> Result<(), String> {
+        let a = &self.aggregation;
+        if self.min_updates() < 2 {
+            return Err(format!(
+                "[aggregation] mode = \"secure\" needs [rounds] min_updates of at least 2 (got \
+                 {}): the sum of one node's update is that update; use mode = \"plain\" for a \
+                 single node",
+                self.min_updates()
+            ));
+        }
+        if let (Some(clip), Some(node)) = (a.update_clip_norm, &self.node_privacy)
+            && clip != node.update_clip_norm
+        {
+            return Err(format!(
+                "[aggregation] update_clip_norm = {clip} differs from [node_privacy] \
+                 update_clip_norm = {}; with node-level privacy the latter is the bound, so \
+                 leave the former out",
+                node.update_clip_norm
+            ));
+        }
+        let clip = self.secure_clip_norm();
+        if !(clip.is_finite() && clip > 0.0) {
+            return Err(format!(
+                "[aggregation] update_clip_norm must be positive and finite, got {clip}"
+            ));
+        }
+        if !(a.stage_deadline_secs.is_finite() && (0.1..=86_400.0).contains(&a.stage_deadline_secs))
+        {
+            return Err(format!(
+                "[aggregation] stage_deadline_secs must be between 0.1 and 86400, got {}",
+                a.stage_deadline_secs
+            ));
+        }
+        let cohort: Vec<_> = (0..self.min_updates() as u64)
+            .map(athanor_core::secagg::NodeId)
+            .collect();
+        athanor_core::secagg::SecAggConfig {
+            round: athanor_core::secagg::RoundId(0),
+            cohort,
+            vector_len: 1,
+            ring_bits: a.ring_bits,
+            complete_graph_max: a.complete_graph_max,
+            degree: a.degree,
+            threshold_percent: a.threshold_percent,
+            min_survivors: self.min_updates(),
+        }
+        .validate()
+        .map_err(|e| format!("[aggregation]: {e}"))?;
+        if !(1..=128).contains(&a.tail_bits) {
+            return Err(format!(
+                "[aggregation] tail_bits must be between 1 and 128, got {}",
+                a.tail_bits
+            ));
+        }
+        Ok(())
+    }
+
+    /// The L2 bound nodes clip their updates to under secure aggregation.
+    pub fn secure_clip_norm(&self) -> f64 {
+        match &self.node_privacy {
+            Some(node) => node.update_clip_norm,
+            None => self
+                .aggregation
+                .update_clip_norm
+                .unwrap_or(DEFAULT_SECURE_CLIP_NORM),
+        }
+    }
+
+    /// How long each short stage of secure aggregation waits.
+    pub fn stage_deadline(&self) -> Duration {
+        Duration::from_secs_f64(self.aggregation.stage_deadline_secs)
     }
 
     /// Updates needed to publish a round.

@@ -20,6 +20,7 @@ pub mod config;
 pub mod export;
 pub mod node_privacy;
 pub mod round;
+pub mod secure;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -191,7 +191,17 @@ impl NodeLevelDp {
     /// # Errors
     /// [`Error::InvalidRequest`] if the accountant rejects the history or `q`.
     pub fn charge(&self, q: f64) -> Result<Charge, Error> {
-        let history = extend(&self.history, q, self.settings.noise_multiplier);
+        self.charge_at(q, self.settings.noise_multiplier)
+    }
+
+    /// As [`NodeLevelDp::charge`], for a round whose noise amounted to `noise_multiplier`
+    /// rather than the configured one (secure aggregation: the survivors' noise against the
+    /// quantized sensitivity).
+    ///
+    /// # Errors
+    /// As [`NodeLevelDp::charge`].
+    pub fn charge_at(&self, q: f64, noise_multiplier: f64) -> Result<Charge, Error> {
+        let history = extend(&self.history, q, noise_multiplier);
         let report = self
             .settings
             .accountant
@@ -202,7 +212,7 @@ impl NodeLevelDp {
             record: NodePrivacy {
                 epsilon: report.epsilon,
                 delta: self.settings.delta,
-                noise_multiplier: self.settings.noise_multiplier,
+                noise_multiplier,
                 update_clip_norm: self.settings.update_clip_norm,
                 sampling_rate: q,
                 accountant: self.settings.accountant,

@@ -11,6 +11,11 @@
 //! 4. with at least `min_updates` updates of non-zero total weight, aggregate (FedAvg) and
 //!    publish a new version; otherwise abandon the round, publishing nothing.
 //!
+//! Under secure aggregation (the default) step 3 runs the protocol's stages
+//! ([`crate::secure`]): each closes when every node it waits for has answered or at its
+//! deadline, and step 4 publishes the unmasked mean of the survivors' updates, or abandons
+//! the round when the protocol cannot complete.
+//!
 //! An operator may pause the federation ([`Coordinator::pause_rounds`]): the round already
 //! open runs to its end, but the driver opens no new one until
 //! [`Coordinator::resume_rounds`]. Pausing lives in memory only; a restarted coordinator runs
@@ -33,8 +38,10 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Error;
+use crate::config::AggregationMode;
 use crate::config::CoordinatorConfig;
 use crate::node_privacy::{NodeLevelDp, Spending};
+use crate::secure::{NodeMessage, Outgoing, SecureRound, SecureSum, SecureTask};
 use crate::store::{
     DatasetFingerprint, Epsilon, ExamplePrivacy, Manifest, ManifestDraft, ModelStore, NodePrivacy,
     StoreError, VersionStatus,
@@ -79,6 +86,8 @@ pub struct Task {
     pub plan: RoundPlan,
     /// Time left until the round's deadline.
     pub time_left: Duration,
+    /// The secure-aggregation parameters, in secure mode.
+    pub secure: Option<Box<SecureTask>>,
 }
 
 /// The answer to a long poll.
@@ -109,7 +118,13 @@ pub struct UpdateHeader {
     pub privacy: Epsilon,
     /// The delta that `privacy` holds at (absent without DP).
     pub delta: Option<f64>,
+    /// For a masked input: the protocol round and the sender's number.
+    pub secure: Option<(athanor_core::secagg::RoundId, athanor_core::secagg::NodeId)>,
 }
+
+/// A round's mean update, its node-level privacy record, and the reports of the nodes in it;
+/// or why the round must be abandoned.
+type Aggregate = Result<(Vec<f64>, Option<NodePrivacy>, Vec<(NodeId, UpdateHeader)>), String>;
 
 /// The latest published model, kept in memory so nodes fetching it every round do not hit the
 /// disk.
@@ -237,12 +252,16 @@ struct OpenRound {
     /// Probability with which each connected node was drawn into the cohort.
     sampling_rate: f64,
     members: BTreeMap<NodeId, Outcome>,
+    /// The protocol state, under secure aggregation.
+    secure: Option<SecureRound>,
 }
 
 #[derive(Debug)]
 enum Outcome {
     Pending,
     Submitted(Submission),
+    /// A masked input arrived; only the sum of such inputs is ever known.
+    Masked(UpdateHeader),
     Declined,
 }
 
@@ -271,6 +290,14 @@ impl Coordinator {
             warn!(
                 "differential privacy is OFF: nodes train without clipping or noise and every \
                  published version carries epsilon = infinity"
+            );
+        }
+
+        if config.aggregation.mode == AggregationMode::Plain {
+            warn!(
+                "PLAIN AGGREGATION: every node's update reaches this coordinator in the clear; \
+                 use it for debugging or aggregators that must see each update, and leave \
+                 [aggregation] mode at \"secure\" otherwise"
             );
         }
 
@@ -467,11 +494,21 @@ impl Coordinator {
         if !matches!(round.members.get(&node), Some(Outcome::Pending)) {
             return Ok(None);
         }
+        // Under secure aggregation a task is only worth handing out while keys may still be
+        // advertised: a node that starts later could not join the protocol.
+        let secure = match &round.secure {
+            Some(secure) => match secure.task_for(&node) {
+                Some(task) => Some(Box::new(task)),
+                None => return Ok(None),
+            },
+            None => None,
+        };
         Ok(Some(Poll::Task(Task {
             round: round.id,
             model_version: round.model_version,
             plan: self.shared.plan,
             time_left: round.deadline.saturating_duration_since(Instant::now()),
+            secure,
         })))
     }
 
@@ -509,10 +546,13 @@ impl Coordinator {
         node: &NodeId,
         header: &UpdateHeader,
     ) -> Result<(), Error> {
-        let expected = self.shared.spec.num_params();
+        let (expected, what) = match state.round.as_ref().and_then(|r| r.secure.as_ref()) {
+            Some(secure) => (secure.vector_len(), "values, the round's masked vectors have"),
+            None => (self.shared.spec.num_params(), "parameters, the model has"),
+        };
         if header.num_params != expected {
             return Err(Error::InvalidRequest(format!(
-                "update has {} parameters, the model has {expected}",
+                "update has {} {what} {expected}",
                 header.num_params
             )));
         }
@@ -536,6 +576,27 @@ impl Coordinator {
                 "update trained from version {} but round {} starts from version {}",
                 header.model_version, round.id, round.model_version
             )));
+        }
+        match (&round.secure, &header.secure) {
+            (Some(_), None) => {
+                return Err(Error::InvalidRequest(format!(
+                    "round {} uses secure aggregation; a plain update is refused",
+                    round.id
+                )));
+            }
+            (None, Some(_)) => {
+                return Err(Error::InvalidRequest(format!(
+                    "round {} uses plain aggregation; a masked input is refused",
+                    round.id
+                )));
+            }
+            (Some(secure), Some(_)) if !secure.awaits_masked_input(node) => {
+                return Err(Error::WrongRound(format!(
+                    "round {} is not collecting a masked input from node {node}",
+                    round.id
+                )));
+            }
+            _ => {}
         }
         match round.members.get(node) {
             None => Err(Error::WrongRound(format!(
@@ -587,6 +648,107 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Records a node's masked input for the open secure round.
+    ///
+    /// # Errors
+    /// As [`Coordinator::check_update`], and what the protocol refuses (a vector of the wrong
+    /// length or outside the ring, another sender's number).
+    pub fn submit_masked(
+        &self,
+        session: &str,
+        header: UpdateHeader,
+        masked: Vec<u32>,
+    ) -> Result<(), Error> {
+        let mut state = self.lock();
+        let node = state.touch(session)?;
+        self.check_against_round(&state, &node, &header)?;
+        let (protocol_round, number) = header
+            .secure
+            .ok_or_else(|| Error::InvalidRequest("not a masked input".into()))?;
+        let round = state.round.as_mut().ok_or(Error::ShuttingDown)?;
+        let secure = round.secure.as_mut().ok_or(Error::ShuttingDown)?;
+        let input = athanor_core::secagg::messages::MaskedInput {
+            round: protocol_round,
+            stage: athanor_core::secagg::Stage::MaskedInput.number(),
+            node: number,
+            masked,
+        };
+        secure.receive_masked(&node, &input)?;
+        debug!(%node, round = round.id, "masked input accepted");
+        round.members.insert(node, Outcome::Masked(header));
+        drop(state);
+        self.notify();
+        Ok(())
+    }
+
+    /// Records a node's message for a short stage of the open secure round.
+    ///
+    /// # Errors
+    /// [`Error::UnknownSession`]; [`Error::WrongRound`] when no such round is open or the
+    /// stage is not the one being collected; [`Error::InvalidRequest`] for a message the
+    /// protocol refuses.
+    pub fn secure_send(
+        &self,
+        session: &str,
+        round_id: u64,
+        message: NodeMessage,
+    ) -> Result<(), Error> {
+        let mut state = self.lock();
+        let node = state.touch(session)?;
+        let secure = state
+            .round
+            .as_mut()
+            .filter(|r| r.id == round_id)
+            .and_then(|r| r.secure.as_mut())
+            .ok_or_else(|| {
+                Error::WrongRound(format!(
+                    "no secure aggregation is open for round {round_id}"
+                ))
+            })?;
+        secure.receive(&node, message)?;
+        drop(state);
+        self.notify();
+        Ok(())
+    }
+
+    /// Long poll for the coordinator's message to this node for `stage` of the open secure
+    /// round: returns as soon as the stage before closes, or `Pending` after a bounded wait.
+    ///
+    /// # Errors
+    /// [`Error::UnknownSession`]; [`Error::WrongRound`] when the round is not open (it may
+    /// have been published or abandoned since) or the node has no message for the stage.
+    pub async fn secure_receive(
+        &self,
+        session: &str,
+        round_id: u64,
+        stage: u32,
+    ) -> Result<Outgoing, Error> {
+        let mut changes = self.shared.changed.subscribe();
+        let give_up = Instant::now() + POLL_TIMEOUT;
+        loop {
+            changes.borrow_and_update();
+            let outgoing = {
+                let mut state = self.lock();
+                let node = state.touch(session)?;
+                let secure = state
+                    .round
+                    .as_ref()
+                    .filter(|r| r.id == round_id)
+                    .and_then(|r| r.secure.as_ref())
+                    .ok_or_else(|| Error::WrongRound(format!("round {round_id} is not open")))?;
+                secure.outgoing(&node, stage)?
+            };
+            if !matches!(outgoing, Outgoing::Pending) {
+                return Ok(outgoing);
+            }
+            match tokio::time::timeout_at(give_up, changes.changed()).await {
+                Err(_) => return Ok(Outgoing::Pending),
+                Ok(Err(_)) => return Err(Error::ShuttingDown),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+
     /// Records that a node declines the open round.
     ///
     /// # Errors
@@ -615,6 +777,9 @@ impl Coordinator {
         }
         warn!(%node, round = round_id, %reason, leaving, "node declined the round");
         round.members.insert(node.clone(), Outcome::Declined);
+        if let Some(secure) = &mut round.secure {
+            secure.withdraw(&node);
+        }
         if leaving {
             state.nodes.remove(&node);
             state.sessions.retain(|_, holder| *holder != node);
@@ -673,7 +838,7 @@ impl Coordinator {
                     .and_then(|round| round.members.get(node))
                     .map(|outcome| match outcome {
                         Outcome::Pending => "pending",
-                        Outcome::Submitted(_) => "submitted",
+                        Outcome::Submitted(_) | Outcome::Masked(_) => "submitted",
                         Outcome::Declined => "declined",
                     });
                 NodeSummary {
@@ -770,10 +935,18 @@ impl Coordinator {
             if let Some(spent) = self.node_budget_exhausted(sampling_rate)? {
                 return Ok(spent);
             }
-            let round_id = self.open_round(&mut rng, sampling_rate);
+            let (round_id, unusable) = self.open_round(&mut rng, sampling_rate);
             let span = info_span!("round", round = round_id);
             let published = async {
-                self.wait_for_answers().await;
+                if let Some(reason) = unusable {
+                    self.abandon(round_id, &reason);
+                    return Ok(false);
+                }
+                if config.aggregation.mode == AggregationMode::Secure {
+                    self.run_secure_stages().await;
+                } else {
+                    self.wait_for_answers().await;
+                }
                 self.close_round().await
             }
             .instrument(span)
@@ -850,7 +1023,8 @@ impl Coordinator {
         }
     }
 
-    fn open_round(&self, rng: &mut ChaCha20Rng, sampling_rate: f64) -> u64 {
+    /// Opens a round; the reason is set when it cannot run at all (and is not left open).
+    fn open_round(&self, rng: &mut ChaCha20Rng, sampling_rate: f64) -> (u64, Option<String>) {
         let config = &self.shared.config;
         let mut state = self.lock();
         let mut candidates: Vec<NodeId> = state.connected_nodes();
@@ -878,6 +1052,20 @@ impl Coordinator {
         let id = state.next_round;
         state.next_round += 1;
         let model_version = state.global.manifest.version;
+        let (secure, unusable) = match config.aggregation.mode {
+            AggregationMode::Plain => (None, None),
+            // The protocol round and the rotation come from the operating system's generator,
+            // never from a configured cohort seed: the round id must not repeat.
+            AggregationMode::Secure => match SecureRound::open(
+                config,
+                &candidates,
+                self.shared.spec.num_params(),
+                &mut rand::rng(),
+            ) {
+                Ok(secure) => (Some(secure), None),
+                Err(reason) => (None, Some(reason)),
+            },
+        };
         state.round = Some(OpenRound {
             id,
             model_version,
@@ -887,7 +1075,11 @@ impl Coordinator {
                 .into_iter()
                 .map(|n| (n, Outcome::Pending))
                 .collect(),
+            secure,
         });
+        if unusable.is_some() {
+            state.round = None;
+        }
         drop(state);
 
         info!(
@@ -897,7 +1089,41 @@ impl Coordinator {
             "round opened"
         );
         self.notify();
-        id
+        (id, unusable)
+    }
+
+    /// Runs a secure round's stages: each closes when every node it waits for has answered,
+    /// or at its deadline.
+    async fn run_secure_stages(&self) {
+        let stage_deadline = self.shared.config.stage_deadline();
+        let mut changes = self.shared.changed.subscribe();
+        loop {
+            changes.borrow_and_update();
+            let deadline = {
+                let mut state = self.lock();
+                let Some(round) = &mut state.round else {
+                    return;
+                };
+                let round_deadline = round.deadline;
+                let Some(secure) = &mut round.secure else {
+                    return;
+                };
+                if secure.stage_complete() || Instant::now() >= secure.deadline() {
+                    let more = secure.close_stage(stage_deadline, round_deadline);
+                    if let Some(reason) = secure.abandoned() {
+                        warn!(%reason, "secure aggregation cannot complete");
+                    }
+                    drop(state);
+                    self.notify();
+                    if !more {
+                        return;
+                    }
+                    continue;
+                }
+                secure.deadline()
+            };
+            let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
+        }
     }
 
     async fn wait_for_answers(&self) {
@@ -936,36 +1162,59 @@ impl Coordinator {
             (round, Arc::clone(&state.global))
         };
 
+        let mut round = round;
+        let secure = round.secure.take();
         let mut submissions = Vec::new();
+        let mut masked = BTreeMap::new();
         let (mut declined, mut missing) = (0usize, 0usize);
         for (node, outcome) in round.members {
             match outcome {
                 Outcome::Submitted(s) => submissions.push((node, s)),
+                Outcome::Masked(header) => {
+                    masked.insert(node, header);
+                }
                 Outcome::Declined => declined += 1,
                 Outcome::Pending => missing += 1,
             }
         }
+        let answered = submissions.len() + masked.len();
         let min_updates = self.shared.config.min_updates();
-        if submissions.len() < min_updates {
+        if answered < min_updates {
             self.abandon(
                 round.id,
                 &format!(
-                    "{} updates, {min_updates} needed ({declined} declined, {missing} missing)",
-                    submissions.len()
+                    "{answered} updates, {min_updates} needed ({declined} declined, {missing} \
+                     missing)"
                 ),
             );
             return Ok(false);
         }
 
-        let mut optimizer = self.lock().optimizer.clone();
-        let (mean, node_privacy) =
-            match self.mean_update(&global, &submissions, round.sampling_rate) {
+        let aggregate = match secure {
+            Some(secure) => {
+                self.secure_mean(secure, masked, round.sampling_rate)
+                    .await?
+            }
+            None => self
+                .mean_update(&global, &submissions, round.sampling_rate)
+                .map(|(mean, privacy)| {
+                    let reports = submissions
+                        .iter()
+                        .map(|(n, s)| (n.clone(), s.header.clone()));
+                    (mean, privacy, reports.collect())
+                }),
+        };
+        let (mean, node_privacy, reports): (Vec<f64>, _, Vec<(NodeId, UpdateHeader)>) =
+            match aggregate {
                 Ok(aggregate) => aggregate,
                 Err(reason) => {
                     self.abandon(round.id, &reason);
                     return Ok(false);
                 }
             };
+        drop(submissions);
+
+        let mut optimizer = self.lock().optimizer.clone();
         let params = match optimizer.apply(&global.params, &mean) {
             Ok(params) => params,
             Err(e) => {
@@ -975,7 +1224,7 @@ impl Coordinator {
         };
         drop(mean);
 
-        let mut draft = self.draft(round.id, &global.manifest, &submissions);
+        let mut draft = self.draft(round.id, &global.manifest, &reports);
         draft.node_privacy = node_privacy.clone();
         let store = self.store();
         let published =
@@ -1009,7 +1258,7 @@ impl Coordinator {
             });
             state.rounds_completed += 1;
             state.optimizer = optimizer;
-            for (node, _) in &submissions {
+            for (node, _) in &reports {
                 *state.contributions.entry(node.clone()).or_default() += 1;
             }
         }
@@ -1029,6 +1278,56 @@ impl Coordinator {
         let _ = self.shared.published.send(manifest);
         self.notify();
         Ok(true)
+    }
+
+    /// The unmasked mean of a secure round's survivors, what publishing it costs under
+    /// node-level privacy, and the survivors' reports. An `Err` is a reason to abandon.
+    ///
+    /// The mean is unweighted: weights are self-reported, and a weight inside the masked
+    /// vector would scale a node's influence past the clipping bound.
+    async fn secure_mean(
+        &self,
+        secure: SecureRound,
+        mut reports: BTreeMap<NodeId, UpdateHeader>,
+        sampling_rate: f64,
+    ) -> Result<Aggregate, Error> {
+        let finished = tokio::task::spawn_blocking(move || secure.finish())
+            .await
+            .map_err(|e| Error::InvalidRequest(format!("unmasking task failed: {e}")))?;
+        let SecureSum {
+            sum,
+            contributors,
+            noise_multiplier,
+        } = match finished {
+            Ok(sum) => sum,
+            Err(reason) => return Ok(Err(format!("secure aggregation failed: {reason}"))),
+        };
+
+        let node_privacy = match (&self.shared.node_dp, noise_multiplier) {
+            (None, _) => None,
+            (Some(node_dp), Some(z)) => {
+                let node_dp = lock(node_dp);
+                let charge = node_dp.charge_at(sampling_rate, z)?;
+                if !charge.within_budget {
+                    return Ok(Err(format!(
+                        "publishing would bring node-level epsilon to {:.4}, over the budget {}",
+                        charge.record.epsilon,
+                        node_dp.settings().epsilon
+                    )));
+                }
+                Some(charge.record)
+            }
+            (Some(_), None) => {
+                return Ok(Err("the nodes were asked for no node-level noise".into()));
+            }
+        };
+        let count = contributors.len() as f64;
+        let mean = sum.iter().map(|v| v / count).collect();
+        let reports = contributors
+            .into_iter()
+            .filter_map(|node| reports.remove(&node).map(|header| (node, header)))
+            .collect();
+        Ok(Ok((mean, node_privacy, reports)))
     }
 
     /// The update to apply to the global model: the example-weighted mean, or with
@@ -1075,28 +1374,31 @@ impl Coordinator {
         &self,
         round: u64,
         parent: &Manifest,
-        submissions: &[(NodeId, Submission)],
+        reports: &[(NodeId, UpdateHeader)],
     ) -> ManifestDraft {
         let plan = &self.shared.plan;
         // Counts and losses are self-reported; sums in f64 cannot overflow, and a mean that is
         // not finite (absurd losses) is left out rather than refused by the store.
-        let total_examples: f64 = submissions
-            .iter()
-            .map(|(_, s)| s.header.num_examples as f64)
-            .sum();
-        let train_loss = submissions
-            .iter()
-            .map(|(_, s)| s.header.train_loss * s.header.num_examples as f64)
-            .sum::<f64>()
-            / total_examples.max(1.0);
+        let total_examples: f64 = reports.iter().map(|(_, h)| h.num_examples as f64).sum();
+        // Under secure aggregation nodes report no loss: one number per node would tell the
+        // coordinator something about each update.
+        let train_loss = if reports.iter().any(|(_, h)| h.secure.is_some()) {
+            f64::NAN
+        } else {
+            reports
+                .iter()
+                .map(|(_, h)| h.train_loss * h.num_examples as f64)
+                .sum::<f64>()
+                / total_examples.max(1.0)
+        };
 
         // The example-level guarantee of a version covers every node whose data reached it
         // through its lineage, so it is the worst of the parent's and this round's.
         let mut max_epsilon = parent.example_privacy.max_epsilon;
         let mut delta = parent.example_privacy.delta;
-        for (_, s) in submissions {
-            max_epsilon = worse(max_epsilon, s.header.privacy);
-            delta = match (delta, s.header.delta) {
+        for (_, h) in reports {
+            max_epsilon = worse(max_epsilon, h.privacy);
+            delta = match (delta, h.delta) {
                 (Some(a), Some(b)) => Some(a.max(b)),
                 (a, b) => a.or(b),
             };
@@ -1106,7 +1408,7 @@ impl Coordinator {
         }
 
         let state = self.lock();
-        let fingerprints = submissions
+        let fingerprints = reports
             .iter()
             .filter_map(|(node, _)| state.nodes.get(node)?.fingerprint.clone())
             .collect();
@@ -1134,9 +1436,10 @@ impl Coordinator {
         }
 
         let mut metrics = BTreeMap::new();
+        let secure = reports.iter().any(|(_, h)| h.secure.is_some());
         if train_loss.is_finite() {
             metrics.insert("train_loss".to_string(), train_loss);
-        } else {
+        } else if !secure {
             warn!(
                 round,
                 "the reported training losses do not average to a finite number"
@@ -1151,7 +1454,7 @@ impl Coordinator {
             init_seed: parent.init_seed,
             strategy: strategy.name().into(),
             strategy_params,
-            contributors: submissions.len() as u32,
+            contributors: reports.len() as u32,
             metrics,
             example_privacy: ExamplePrivacy { max_epsilon, delta },
             node_privacy: None,

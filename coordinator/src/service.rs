@@ -44,7 +44,9 @@ use tracing::{debug, error, info, warn};
 use crate::Error;
 use crate::node_privacy::Spending;
 use crate::round::{Coordinator, NodeId, Poll, UpdateHeader};
+use crate::secure::{NodeMessage, Outgoing, SecureTask};
 use crate::store::{self, DatasetFingerprint, Epsilon, Manifest, StoreError, VersionStatus};
+use athanor_core::secagg::quantize::DistributedNoise;
 
 /// Longest node id accepted at join.
 const MAX_NODE_ID_LEN: usize = 128;
@@ -111,8 +113,13 @@ impl Federation for FederationService {
                 round: task.round,
                 model_version: task.model_version,
                 training: Some(plan_to_wire(&task.plan)),
-                aggregation: pb::AggregationMode::Plain as i32,
+                aggregation: if task.secure.is_some() {
+                    pb::AggregationMode::Secure as i32
+                } else {
+                    pb::AggregationMode::Plain as i32
+                },
                 deadline_ms: u64::try_from(task.time_left.as_millis()).unwrap_or(u64::MAX),
+                secure: task.secure.as_deref().map(secure_task_to_wire),
             }),
             Ok(Poll::Idle(reason)) => {
                 pb::wait_for_task_response::Outcome::Idle(pb::Idle { reason })
@@ -200,7 +207,8 @@ impl Federation for FederationService {
             .map_err(|e| refuse(&session, e))?;
         debug!(%node, round = header.round, "update header accepted");
 
-        // The header's length was checked against the model, so this bound is the model size.
+        // The header's length was checked against the round, so this bound is the model size
+        // (or the masked vector's length, a power of two at most twice it).
         let expected_bytes = header.num_params * 4;
         let time_left = self.coordinator.round_time_left().unwrap_or_default();
         let bytes = read_payload(&mut stream, expected_bytes, time_left + STREAM_GRACE)
@@ -209,6 +217,16 @@ impl Federation for FederationService {
                 Payload::Refused(e) => refuse(&session, e),
                 Payload::Transport(status) => refuse_stream(&session, status),
             })?;
+        if header.secure.is_some() {
+            let masked = bytes
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            self.coordinator
+                .submit_masked(&session, header, masked)
+                .map_err(|e| refuse(&session, e))?;
+            return Ok(Response::new(pb::SubmitUpdateResponse { accepted: true }));
+        }
         let delta = params::from_le_bytes(&bytes, header.num_params).map_err(|e| {
             refuse(
                 &session,
@@ -232,6 +250,58 @@ impl Federation for FederationService {
             .decline(&request.session, request.round, reason, request.leaving)
             .map_err(|e| refuse(&request.session, e))?;
         Ok(Response::new(pb::DeclineTaskResponse {}))
+    }
+
+    async fn sec_agg_send(
+        &self,
+        request: Request<pb::SecAggSendRequest>,
+    ) -> Result<Response<pb::SecAggSendResponse>, Status> {
+        let request = request.into_inner();
+        let message = match request.message {
+            Some(pb::sec_agg_send_request::Message::AdvertiseKeys(m)) => {
+                NodeMessage::AdvertiseKeys(m.into())
+            }
+            Some(pb::sec_agg_send_request::Message::ShareKeys(m)) => {
+                NodeMessage::ShareKeys(m.into())
+            }
+            Some(pb::sec_agg_send_request::Message::Unmask(m)) => NodeMessage::Unmask(m.into()),
+            None => {
+                let reason = "a secure-aggregation message with no content";
+                return Err(refuse(
+                    &request.session,
+                    Error::InvalidRequest(reason.into()),
+                ));
+            }
+        };
+        self.coordinator
+            .secure_send(&request.session, request.round, message)
+            .map_err(|e| refuse(&request.session, e))?;
+        Ok(Response::new(pb::SecAggSendResponse {}))
+    }
+
+    async fn sec_agg_receive(
+        &self,
+        request: Request<pb::SecAggReceiveRequest>,
+    ) -> Result<Response<pb::SecAggReceiveResponse>, Status> {
+        use pb::sec_agg_receive_response::Outcome as Wire;
+        let request = request.into_inner();
+        let outgoing = self
+            .coordinator
+            .secure_receive(&request.session, request.round, request.stage)
+            .await
+            .map_err(|e| refuse(&request.session, e))?;
+        let outcome = match outgoing {
+            Outgoing::Pending => Wire::Pending(pb::Idle {
+                reason: "the stage before has not closed yet".into(),
+            }),
+            Outgoing::Directory(m) => Wire::KeyDirectory(m.into()),
+            Outgoing::Inbox(m) => Wire::ShareInbox(m.into()),
+            Outgoing::Unmask(m) => Wire::UnmaskRequest(m.into()),
+            Outgoing::Abandoned(reason) => Wire::Abandoned(pb::Finished { reason }),
+        };
+        Ok(Response::new(pb::SecAggReceiveResponse {
+            outcome: Some(outcome),
+        }))
     }
 
     type WatchVersionsStream = BoxStream<pb::VersionAnnouncement>;
@@ -440,7 +510,14 @@ fn update_header(header: pb::UpdateHeader) -> Result<UpdateHeader, Error> {
     };
     let num_params = usize::try_from(header.num_params)
         .map_err(|_| Error::InvalidRequest("num_params does not fit this machine".into()))?;
+    let secure = header.secure.map(|s| {
+        (
+            athanor_core::secagg::RoundId(s.protocol_round),
+            athanor_core::secagg::NodeId(s.node),
+        )
+    });
     Ok(UpdateHeader {
+        secure,
         round: header.round,
         model_version: header.model_version,
         num_examples: header.num_examples,
@@ -474,6 +551,39 @@ pub fn spec_to_wire(spec: &ModelSpec) -> pb::ModelSpec {
         architecture: Some(architecture),
         features: spec.features as u32,
         classes: spec.classes as u32,
+    }
+}
+
+fn secure_task_to_wire(task: &SecureTask) -> pb::SecureAggregation {
+    let c = &task.config;
+    let q = &task.quantization;
+    let (noise_sum_std, noise_min_survivors) = match q.noise {
+        DistributedNoise::Gaussian {
+            sum_std,
+            min_survivors,
+        } => (Some(sum_std), min_survivors as u64),
+        DistributedNoise::InsecureNone => (None, 0),
+    };
+    pb::SecureAggregation {
+        protocol_round: c.round.0,
+        node: task.node.0,
+        cohort: c.cohort.iter().map(|n| n.0).collect(),
+        vector_len: c.vector_len as u64,
+        ring_bits: c.ring_bits,
+        complete_graph_max: c.complete_graph_max as u64,
+        degree: c.degree as u64,
+        threshold_percent: c.threshold_percent,
+        min_survivors: c.min_survivors as u64,
+        quantization: Some(pb::Quantization {
+            dimension: q.dimension as u64,
+            clip_norm: q.clip_norm,
+            granularity: q.granularity,
+            rotation_seed: q.rotation_seed.map(|s| s.to_vec()).unwrap_or_default(),
+            noise_sum_std,
+            noise_min_survivors,
+            max_contributors: q.max_contributors as u64,
+            tail_bits: q.tail_bits,
+        }),
     }
 }
 

@@ -46,6 +46,8 @@ const CONFIG: &str = r#"
     dp = "on"
     clip_norm = 1.0
     noise_multiplier = 1.0
+    [aggregation]
+    mode = "plain"
 "#;
 
 /// A coordinator on its own store with its round driver running.
@@ -118,6 +120,7 @@ async fn within<F: Future>(future: F, what: &str) -> F::Output {
 /// The header of an honest update for `task`, weighted by `num_examples`.
 fn header(task: &Task, num_examples: u64) -> UpdateHeader {
     UpdateHeader {
+        secure: None,
         round: task.round,
         model_version: task.model_version,
         num_examples,
@@ -155,6 +158,7 @@ async fn rejects_updates_for_other_rounds_without_disturbing_the_open_round() {
     let tasks = federation.tasks(&sessions).await;
     assert_eq!((tasks[0].round, tasks[0].model_version), (2, 1));
     let stale = UpdateHeader {
+        secure: None,
         round: 1,
         model_version: 0,
         ..header(&tasks[0], 10)
@@ -167,6 +171,7 @@ async fn rejects_updates_for_other_rounds_without_disturbing_the_open_round() {
         other => panic!("stale update not rejected as for the wrong round: {other:?}"),
     }
     let early = UpdateHeader {
+        secure: None,
         round: 3,
         ..header(&tasks[0], 10)
     };
@@ -208,6 +213,7 @@ async fn rejects_updates_of_the_wrong_length() {
 
     // A header announcing the wrong length is refused before any payload is read.
     let short = UpdateHeader {
+        secure: None,
         num_params: NUM_PARAMS - 1,
         ..header(&tasks[0], 10)
     };
@@ -367,6 +373,7 @@ async fn run_mlp_federation(order: &[usize]) -> Vec<(Vec<u8>, String)> {
                 .map(|i| ((i as f32 + 1.0) * (node as f32 + 0.3) * round as f32).sin() * 0.01)
                 .collect();
             let header = UpdateHeader {
+                secure: None,
                 num_params,
                 ..header(&tasks[node], 7 + 13 * node as u64)
             };

@@ -83,6 +83,7 @@ async fn malformed_updates_are_refused_with_their_codes_and_the_round_still_publ
 
     // Length: the header must announce the model's length, and the payload must match it.
     let short_header = pb::UpdateHeader {
+        secure: None,
         num_params: NUM_PARAMS as u64 - 1,
         ..good()
     };
@@ -95,6 +96,7 @@ async fn malformed_updates_are_refused_with_their_codes_and_the_round_still_publ
     )
     .await;
     let huge_header = pb::UpdateHeader {
+        secure: None,
         num_params: u64::MAX,
         ..good()
     };
@@ -182,6 +184,7 @@ async fn updates_for_other_rounds_or_versions_or_twice_fail_their_precondition()
     let precondition = Code::FailedPrecondition;
 
     let stale = pb::UpdateHeader {
+        secure: None,
         round: 0,
         ..header(&a_session, &a_task)
     };
@@ -194,6 +197,7 @@ async fn updates_for_other_rounds_or_versions_or_twice_fail_their_precondition()
     )
     .await;
     let early = pb::UpdateHeader {
+        secure: None,
         round: 2,
         ..header(&a_session, &a_task)
     };
@@ -206,6 +210,7 @@ async fn updates_for_other_rounds_or_versions_or_twice_fail_their_precondition()
     )
     .await;
     let other_version = pb::UpdateHeader {
+        secure: None,
         model_version: 5,
         ..header(&a_session, &a_task)
     };
@@ -440,6 +445,7 @@ async fn absurd_example_counts_and_losses_do_not_stop_the_federation() {
     // weighted mean overflows f64. Both are finite and well formed, so both are accepted.
     for (client, session, task) in [(&mut a, &a_session, &a_task), (&mut b, &b_session, &b_task)] {
         let mut absurd = pb::UpdateHeader {
+            secure: None,
             num_examples: u64::MAX,
             ..header(session, task)
         };

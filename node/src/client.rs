@@ -15,6 +15,10 @@ use athanor_proto::{CHUNK_BYTES, PROTOCOL_VERSION};
 use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
 
+use athanor_core::secagg::messages::{KeyDirectory, ShareInbox, UnmaskRequest};
+use athanor_core::secagg::quantize::{DistributedNoise, QuantizationConfig, Quantizer};
+use athanor_core::secagg::{self, SecAggConfig, Stage};
+
 use crate::Error;
 use crate::data::Fingerprint;
 use crate::ledger::Receipt;
@@ -41,6 +45,51 @@ pub struct Task {
     pub plan: RoundPlan,
     /// Time the coordinator will wait for the update.
     pub deadline: Duration,
+    /// Secure aggregation's parameters; `None` in plain mode.
+    pub secure: Option<Box<SecureTask>>,
+}
+
+/// A round's secure-aggregation parameters, checked: the protocol configuration validates,
+/// the quantizer fits the ring and agrees with it.
+#[derive(Debug, Clone)]
+pub struct SecureTask {
+    /// This node's number in the protocol.
+    pub node: secagg::NodeId,
+    /// The protocol's parameters.
+    pub config: SecAggConfig,
+    /// How this node encodes its update.
+    pub quantizer: Quantizer,
+}
+
+/// The coordinator's answer to a secure-aggregation long poll.
+#[derive(Debug)]
+pub enum Received {
+    /// The stage before has not closed yet.
+    Pending,
+    /// Stage 1's key directory.
+    Directory(KeyDirectory),
+    /// Stage 2's share inbox.
+    Inbox(ShareInbox),
+    /// Stage 3's unmask request.
+    Unmask(UnmaskRequest),
+    /// The round will not complete.
+    Abandoned(String),
+}
+
+/// What an update carries.
+#[derive(Debug, Clone, Copy)]
+pub enum Payload<'a> {
+    /// Local parameters minus global parameters, in the clear (plain aggregation).
+    Plain(&'a [f32]),
+    /// The quantized update plus its masks (secure aggregation).
+    Masked {
+        /// The protocol round.
+        protocol_round: secagg::RoundId,
+        /// This node's number.
+        node: secagg::NodeId,
+        /// Ring elements.
+        values: &'a [u32],
+    },
 }
 
 /// The answer to a long poll.
@@ -67,8 +116,8 @@ pub struct Update<'a> {
     pub model_version: u64,
     /// Local training rows (the aggregation weight).
     pub num_examples: u64,
-    /// Local parameters minus global parameters.
-    pub delta: &'a [f32],
+    /// The update itself.
+    pub payload: Payload<'a>,
     /// DP-SGD steps taken.
     pub steps: u64,
     /// Mean training loss.
@@ -236,12 +285,27 @@ impl CoordinatorClient {
     /// # Errors
     /// [`Error::Rpc`] when the coordinator refuses it or cannot be reached.
     pub async fn submit_update(&mut self, session: &str, update: Update<'_>) -> Result<(), Error> {
+        let (bytes, secure) = match update.payload {
+            Payload::Plain(delta) => (params::to_le_bytes(delta), None),
+            Payload::Masked {
+                protocol_round,
+                node,
+                values,
+            } => (
+                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                Some(pb::SecureInput {
+                    protocol_round: protocol_round.0,
+                    node: node.0,
+                }),
+            ),
+        };
         let header = pb::UpdateHeader {
             session: session.to_string(),
             round: update.paid.round(),
             model_version: update.model_version,
             num_examples: update.num_examples,
-            num_params: update.delta.len() as u64,
+            num_params: (bytes.len() / 4) as u64,
+            secure,
             report: Some(pb::TrainingReport {
                 steps: update.steps,
                 train_loss: update.train_loss,
@@ -259,7 +323,6 @@ impl CoordinatorClient {
                 }),
             }),
         };
-        let bytes = params::to_le_bytes(update.delta);
         let mut chunks = vec![pb::UpdateChunk {
             part: Some(pb::update_chunk::Part::Header(header)),
         }];
@@ -272,6 +335,71 @@ impl CoordinatorClient {
             .await
             .map_err(|s| self.rpc_error("SubmitUpdate", s))?;
         Ok(())
+    }
+
+    /// Sends this node's message for a stage of a secure round.
+    ///
+    /// # Errors
+    /// [`Error::Rpc`] when the coordinator refuses it or cannot be reached.
+    pub async fn secagg_send(
+        &mut self,
+        session: &str,
+        round: u64,
+        message: pb::sec_agg_send_request::Message,
+    ) -> Result<(), Error> {
+        self.inner
+            .sec_agg_send(pb::SecAggSendRequest {
+                session: session.to_string(),
+                round,
+                message: Some(message),
+            })
+            .await
+            .map_err(|s| self.rpc_error("SecAggSend", s))?;
+        Ok(())
+    }
+
+    /// Long-polls for the coordinator's message for `stage` of a secure round.
+    ///
+    /// # Errors
+    /// [`Error::Rpc`], or [`Error::Protocol`] for an empty answer or one for another stage.
+    pub async fn secagg_receive(
+        &mut self,
+        session: &str,
+        round: u64,
+        stage: Stage,
+    ) -> Result<Received, Error> {
+        use pb::sec_agg_receive_response::Outcome;
+        let response = self
+            .inner
+            .sec_agg_receive(pb::SecAggReceiveRequest {
+                session: session.to_string(),
+                round,
+                stage: stage.number(),
+            })
+            .await
+            .map_err(|s| self.rpc_error("SecAggReceive", s))?
+            .into_inner();
+        let received = match response.outcome {
+            Some(Outcome::Pending(_)) => Received::Pending,
+            Some(Outcome::KeyDirectory(m)) if stage == Stage::ShareKeys => {
+                Received::Directory(m.into())
+            }
+            Some(Outcome::ShareInbox(m)) if stage == Stage::MaskedInput => {
+                Received::Inbox(m.into())
+            }
+            Some(Outcome::UnmaskRequest(m)) if stage == Stage::Unmasking => {
+                Received::Unmask(m.into())
+            }
+            Some(Outcome::Abandoned(f)) => Received::Abandoned(f.reason),
+            Some(_) => {
+                return Err(Error::Protocol(format!(
+                    "the coordinator answered a poll for the {stage} stage with another \
+                     stage's message"
+                )));
+            }
+            None => return Err(Error::Protocol("empty secure-aggregation answer".into())),
+        };
+        Ok(received)
     }
 
     /// Declines a round with a reason the coordinator records.
@@ -326,12 +454,26 @@ fn spec_from_wire(spec: pb::ModelSpec) -> Result<ModelSpec, Error> {
 }
 
 fn task_from_wire(task: pb::Task) -> Result<Work, Error> {
-    if task.aggregation != pb::AggregationMode::Plain as i32 {
-        return Err(Error::Protocol(format!(
-            "round {} asks for aggregation mode {}, which this node does not support",
-            task.round, task.aggregation
-        )));
-    }
+    let secure = match (pb::AggregationMode::try_from(task.aggregation), task.secure) {
+        (Ok(pb::AggregationMode::Plain), None) => None,
+        (Ok(pb::AggregationMode::Secure), Some(secure)) => {
+            Some(Box::new(secure_from_wire(secure).map_err(|e| {
+                Error::Protocol(format!("round {} secure aggregation: {e}", task.round))
+            })?))
+        }
+        (Ok(pb::AggregationMode::Secure), None) => {
+            return Err(Error::Protocol(format!(
+                "round {} asks for secure aggregation without its parameters",
+                task.round
+            )));
+        }
+        _ => {
+            return Err(Error::Protocol(format!(
+                "round {} asks for aggregation mode {}, which this node does not support",
+                task.round, task.aggregation
+            )));
+        }
+    };
     let training = task.training.ok_or_else(|| {
         Error::Protocol(format!("round {} task has no training plan", task.round))
     })?;
@@ -351,5 +493,66 @@ fn task_from_wire(task: pb::Task) -> Result<Work, Error> {
         model_version: task.model_version,
         plan,
         deadline: Duration::from_millis(task.deadline_ms),
+        secure,
     }))
+}
+
+/// Checks a round's secure-aggregation parameters as far as a node can: the protocol
+/// configuration is valid and invites this node, and the quantizer fits the ring and agrees
+/// with the protocol on lengths, cohort and survivors.
+fn secure_from_wire(wire: pb::SecureAggregation) -> Result<SecureTask, String> {
+    let usize_of = |name: &str, v: u64| {
+        usize::try_from(v).map_err(|_| format!("{name} = {v} does not fit this machine"))
+    };
+    let q = wire
+        .quantization
+        .ok_or_else(|| "no quantization parameters".to_string())?;
+    let config = SecAggConfig {
+        round: secagg::RoundId(wire.protocol_round),
+        cohort: wire.cohort.iter().copied().map(secagg::NodeId).collect(),
+        vector_len: usize_of("vector_len", wire.vector_len)?,
+        ring_bits: wire.ring_bits,
+        complete_graph_max: usize_of("complete_graph_max", wire.complete_graph_max)?,
+        degree: usize_of("degree", wire.degree)?,
+        threshold_percent: wire.threshold_percent,
+        min_survivors: usize_of("min_survivors", wire.min_survivors)?,
+    };
+    config.validate().map_err(|e| e.to_string())?;
+    let node = secagg::NodeId(wire.node);
+    if !config.contains(node) {
+        return Err(format!("this node's number {node} is not in the cohort"));
+    }
+    let rotation_seed = match q.rotation_seed.len() {
+        0 => None,
+        32 => {
+            let mut seed = [0u8; 32];
+            seed.copy_from_slice(&q.rotation_seed);
+            Some(seed)
+        }
+        n => return Err(format!("a rotation seed of {n} bytes, not 32")),
+    };
+    let noise = match q.noise_sum_std {
+        Some(sum_std) => DistributedNoise::Gaussian {
+            sum_std,
+            min_survivors: usize_of("noise_min_survivors", q.noise_min_survivors)?,
+        },
+        None => DistributedNoise::InsecureNone,
+    };
+    let quantizer = Quantizer::new(QuantizationConfig {
+        dimension: usize_of("dimension", q.dimension)?,
+        clip_norm: q.clip_norm,
+        granularity: q.granularity,
+        rotation_seed,
+        noise,
+        max_contributors: usize_of("max_contributors", q.max_contributors)?,
+        ring_bits: wire.ring_bits,
+        tail_bits: q.tail_bits,
+    })
+    .map_err(|e| e.to_string())?;
+    quantizer.check_round(&config).map_err(|e| e.to_string())?;
+    Ok(SecureTask {
+        node,
+        config,
+        quantizer,
+    })
 }

@@ -77,6 +77,11 @@ pub struct NodeConfig {
 pub struct NodeSection {
     /// The node's name in the federation: 1 to 128 characters of `[A-Za-z0-9._-]`.
     pub id: String,
+    /// For reproducible tests only: seeds the node's training and secure-aggregation
+    /// randomness instead of the operating system. Anyone who knows the seed can predict the
+    /// DP noise and the masks, so nothing is protected; the node warns at every start.
+    #[serde(default)]
+    pub insecure_seed: Option<u64>,
 }
 
 /// `[coordinator]`.

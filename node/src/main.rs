@@ -177,7 +177,18 @@ fn run_node(path: PathBuf, insecure: bool) -> Result<()> {
             format!("setting up the connection configured in {}", path.display())
         })?
     };
-    let mut node = Node::load(config, Randomness::OperatingSystem).context(
+    let randomness = match config.node.insecure_seed {
+        Some(seed) => {
+            tracing::warn!(
+                seed,
+                "[node] insecure_seed is set: the DP noise and the secure-aggregation masks are \
+                 predictable by anyone who knows it; use it for tests only"
+            );
+            Randomness::InsecureFixedSeed(seed)
+        }
+        None => Randomness::OperatingSystem,
+    };
+    let mut node = Node::load(config, randomness).context(
         "loading the node's data and privacy ledger; the node does not start if either is bad",
     )?;
     if let ClientSecurity::MutualTls(tls) = security {

@@ -5,7 +5,13 @@
 //! check the plan against this node's privacy floor and against what is left of its budget
 //! ([`Node::review`]), declining with a reason if it falls short; fetch the global model,
 //! train locally with DP-SGD, record the round in the ledger and sync it to disk
-//! ([`Node::pay`]), and only then submit the update, which needs the ledger's receipt. When
+//! ([`Node::pay`]), and only then submit the update, which needs the ledger's receipt.
+//!
+//! Under secure aggregation the node advertises fresh keys as soon as it accepts a task and
+//! exchanges encrypted shares while the rest of the cohort gathers; then it trains, pays, and
+//! sends its update quantized and masked ([`athanor_core::secagg`]); last, it reveals the
+//! shares the coordinator needs to remove the masks of the sum. A protocol error or an
+//! abandoned round ends the node's part in that round, never the node. When
 //! the coordinator cannot be reached the node says which address and why, and retries with
 //! exponential backoff capped at `max_backoff_secs`; it never retries silently.
 
@@ -26,10 +32,16 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Error;
 use crate::budget::{Approval, Budget, Review, Spent};
-use crate::client::{CoordinatorClient, Session, Task, Update, Work};
+use crate::client::{
+    CoordinatorClient, Payload, Received, SecureTask, Session, Task, Update, Work,
+};
 use crate::config::NodeConfig;
 use crate::data::Dataset;
 use crate::ledger::{Ledger, Receipt, Tail};
+use athanor_core::secagg::messages::ShareInbox;
+use athanor_core::secagg::{ClientRound, Stage};
+use athanor_proto::v1::sec_agg_send_request::Message as SendMessage;
+use rand::RngExt;
 
 /// First pause after a failed connection attempt.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -70,6 +82,40 @@ pub struct Node {
     rounds_declined: u64,
     /// The TLS files to dial with once more when a join fails without saying why.
     diagnosis: Option<ClientTls>,
+    /// Seed of the secure-aggregation generator in the insecure reproducible mode; `None`
+    /// draws each round's generator from the operating system.
+    secure_seed: Option<u64>,
+    /// Dropouts injected by the simulator.
+    dropouts: Option<Dropouts>,
+}
+
+/// Makes a node drop out of secure rounds on purpose, as the simulator asks: in each round,
+/// with probability `rate`, the node goes silent before sending its message for `stage`.
+#[derive(Debug, Clone)]
+pub struct Dropouts {
+    /// Probability of dropping out of a round.
+    pub rate: f64,
+    /// The stage whose message is never sent.
+    pub stage: Stage,
+    /// Decides which rounds.
+    pub rng: ChaCha20Rng,
+}
+
+/// A node's part in one secure round.
+struct SecureRound {
+    task: SecureTask,
+    client: ClientRound,
+    rng: ChaCha20Rng,
+    /// The stage at which this node drops out, when the simulator asks for it.
+    drop_at: Option<Stage>,
+}
+
+/// Why a node's part in a secure round ended early.
+enum Exit {
+    /// The coordinator abandoned the round, or the protocol refused a message.
+    Left(String),
+    /// The simulator's injected dropout.
+    Dropped(Stage),
 }
 
 impl Node {
@@ -86,9 +132,12 @@ impl Node {
         test: Dataset,
         randomness: Randomness,
     ) -> Result<Self, Error> {
-        let rng = match randomness {
-            Randomness::OperatingSystem => dpsgd::try_os_seeded_rng()?,
-            Randomness::InsecureFixedSeed(seed) => ChaCha20Rng::seed_from_u64(seed),
+        let (rng, secure_seed) = match randomness {
+            Randomness::OperatingSystem => (dpsgd::try_os_seeded_rng()?, None),
+            Randomness::InsecureFixedSeed(seed) => (
+                ChaCha20Rng::seed_from_u64(seed),
+                Some(seed ^ 0x005e_ca66_5eed),
+            ),
         };
 
         let ledger = Ledger::open(config.ledger_path())?;
@@ -136,7 +185,14 @@ impl Node {
             rounds_trained: 0,
             rounds_declined: 0,
             diagnosis: None,
+            secure_seed,
+            dropouts: None,
         })
+    }
+
+    /// Makes this node drop out of secure rounds on purpose (for the simulator).
+    pub fn inject_dropouts(&mut self, dropouts: Dropouts) {
+        self.dropouts = Some(dropouts);
     }
 
     /// Loads the configured data file, validates it against its schema and splits it.
@@ -350,6 +406,20 @@ impl Node {
             }
         };
 
+        // Keys go out first, so the cohort's key exchange runs while this node trains.
+        let mut secure = match &task.secure {
+            Some(secure_task) => {
+                match self
+                    .start_secure(client, session, &task, (**secure_task).clone())
+                    .await?
+                {
+                    Ok(secure) => Some(secure),
+                    Err(exit) => return Ok(self.left_round(exit)),
+                }
+            }
+            None => None,
+        };
+
         let (version, global) = client
             .fetch_model(&session.token, Some(task.model_version), &session.spec)
             .await?;
@@ -372,6 +442,17 @@ impl Node {
             }),
         };
         let (local, outcome) = self.train_locally(&session.spec, &global, plan).await?;
+        let delta: Vec<f32> = local.iter().zip(&global).map(|(l, g)| l - g).collect();
+
+        // Shares from the neighbours arrive before anything is paid: a round abandoned by
+        // then costs this node nothing.
+        let inbox = match &mut secure {
+            Some(secure) => match self.receive_inbox(client, session, &task, secure).await? {
+                Ok(inbox) => Some(inbox),
+                Err(exit) => return Ok(self.left_round(exit)),
+            },
+            None => None,
+        };
 
         // The round's spending is on disk before the update can even be built.
         let paid = self.pay(approval, task.round, &session.federation, client.address())?;
@@ -390,14 +471,33 @@ impl Node {
             "trained locally"
         );
 
-        let delta: Vec<f32> = local.iter().zip(&global).map(|(l, g)| l - g).collect();
+        let masked = match (&mut secure, inbox) {
+            (Some(secure), Some(inbox)) => match mask(secure, &inbox, &delta) {
+                Ok(masked) => Some((secure.task.config.round, secure.task.node, masked)),
+                Err(exit) => return Ok(self.left_round(exit)),
+            },
+            _ => None,
+        };
+        let payload = match &masked {
+            Some((protocol_round, node, values)) => Payload::Masked {
+                protocol_round: *protocol_round,
+                node: *node,
+                values,
+            },
+            None => Payload::Plain(&delta),
+        };
         let update = Update {
             paid,
             model_version: version,
             num_examples: rows as u64,
-            delta: &delta,
+            payload,
             steps: plan.steps,
-            train_loss: outcome.mean_loss.unwrap_or(0.0),
+            // Under secure aggregation the loss stays here: it says something about the update.
+            train_loss: if masked.is_some() {
+                0.0
+            } else {
+                outcome.mean_loss.unwrap_or(0.0)
+            },
             // A round without DP, or any earlier one, leaves no finite epsilon to report.
             privacy: (plan.privacy.is_some() && epsilon.is_finite())
                 .then_some((epsilon, spent.delta)),
@@ -406,6 +506,11 @@ impl Node {
             Ok(()) => {
                 self.rounds_trained += 1;
                 info!("update submitted");
+                if let Some(secure) = &mut secure
+                    && let Err(exit) = self.unmask(client, session, &task, secure).await?
+                {
+                    return Ok(self.left_round(exit));
+                }
                 Ok(None)
             }
             Err(Error::Rpc { status, .. }) if status.code() == Code::FailedPrecondition => {
@@ -417,6 +522,124 @@ impl Node {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Advertises this node's keys, then waits for the key directory and sends its encrypted
+    /// shares.
+    async fn start_secure(
+        &mut self,
+        client: &mut CoordinatorClient,
+        session: &Session,
+        task: &Task,
+        secure_task: SecureTask,
+    ) -> Result<Result<SecureRound, Exit>, Error> {
+        let mut rng = match self.secure_seed {
+            Some(seed) => ChaCha20Rng::seed_from_u64(seed.wrapping_add(task.round)),
+            None => dpsgd::try_os_seeded_rng()?,
+        };
+        let drop_at = self
+            .dropouts
+            .as_mut()
+            .and_then(|d| (d.rng.random::<f64>() < d.rate).then_some(d.stage));
+        let (round, advertisement) =
+            match ClientRound::new(secure_task.config.clone(), secure_task.node, &mut rng) {
+                Ok(started) => started,
+                Err(e) => return Ok(Err(Exit::Left(e.to_string()))),
+            };
+        let mut secure = SecureRound {
+            task: secure_task,
+            client: round,
+            rng,
+            drop_at,
+        };
+
+        if secure.drop_at == Some(Stage::AdvertiseKeys) {
+            return Ok(Err(Exit::Dropped(Stage::AdvertiseKeys)));
+        }
+        let message = SendMessage::AdvertiseKeys(advertisement.into());
+        if let Err(exit) = send(client, session, task, message).await? {
+            return Ok(Err(exit));
+        }
+        info!(node = secure.task.node.0, "keys advertised");
+
+        let directory = match poll(client, session, task, Stage::ShareKeys).await? {
+            Ok(Received::Directory(directory)) => directory,
+            Ok(_) => return Ok(Err(Exit::Left("unexpected answer".into()))),
+            Err(exit) => return Ok(Err(exit)),
+        };
+        if secure.drop_at == Some(Stage::ShareKeys) {
+            return Ok(Err(Exit::Dropped(Stage::ShareKeys)));
+        }
+        let shares = match secure.client.share_keys(&directory, &mut secure.rng) {
+            Ok(shares) => shares,
+            Err(e) => return Ok(Err(Exit::Left(e.to_string()))),
+        };
+        if let Err(exit) =
+            send(client, session, task, SendMessage::ShareKeys(shares.into())).await?
+        {
+            return Ok(Err(exit));
+        }
+        debug!(neighbours = directory.nodes.len() - 1, "shares sent");
+        Ok(Ok(secure))
+    }
+
+    /// Waits for the shares this node's neighbours encrypted to it.
+    async fn receive_inbox(
+        &mut self,
+        client: &mut CoordinatorClient,
+        session: &Session,
+        task: &Task,
+        secure: &mut SecureRound,
+    ) -> Result<Result<ShareInbox, Exit>, Error> {
+        if secure.drop_at == Some(Stage::MaskedInput) {
+            return Ok(Err(Exit::Dropped(Stage::MaskedInput)));
+        }
+        match poll(client, session, task, Stage::MaskedInput).await? {
+            Ok(Received::Inbox(inbox)) => Ok(Ok(inbox)),
+            Ok(_) => Ok(Err(Exit::Left("unexpected answer".into()))),
+            Err(exit) => Ok(Err(exit)),
+        }
+    }
+
+    /// Reveals the shares the coordinator asks for to remove the masks of the sum.
+    async fn unmask(
+        &mut self,
+        client: &mut CoordinatorClient,
+        session: &Session,
+        task: &Task,
+        secure: &mut SecureRound,
+    ) -> Result<Result<(), Exit>, Error> {
+        if secure.drop_at == Some(Stage::Unmasking) {
+            return Ok(Err(Exit::Dropped(Stage::Unmasking)));
+        }
+        let request = match poll(client, session, task, Stage::Unmasking).await? {
+            Ok(Received::Unmask(request)) => request,
+            Ok(_) => return Ok(Err(Exit::Left("unexpected answer".into()))),
+            Err(exit) => return Ok(Err(exit)),
+        };
+        let response = match secure.client.unmask(&request) {
+            Ok(response) => response,
+            Err(e) => return Ok(Err(Exit::Left(e.to_string()))),
+        };
+        let message = SendMessage::Unmask((&response).into());
+        if let Err(exit) = send(client, session, task, message).await? {
+            return Ok(Err(exit));
+        }
+        info!(
+            survivors = request.alive.len(),
+            dropped = request.dropped.len(),
+            "unmasking shares sent"
+        );
+        Ok(Ok(()))
+    }
+
+    /// Logs why this node's part in a secure round ended; the node goes back to polling.
+    fn left_round(&mut self, exit: Exit) -> Option<String> {
+        match exit {
+            Exit::Left(reason) => warn!(%reason, "left the secure round"),
+            Exit::Dropped(stage) => info!(%stage, "dropped out of the round (simulated)"),
+        }
+        None
     }
 
     async fn train_locally(
@@ -470,4 +693,78 @@ fn is_transient(error: &Error) -> bool {
         ),
         _ => false,
     }
+}
+
+/// Quantizes and masks this node's update.
+fn mask(secure: &mut SecureRound, inbox: &ShareInbox, delta: &[f32]) -> Result<Vec<u32>, Exit> {
+    let quantizer = &secure.task.quantizer;
+    let norm = delta
+        .iter()
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum::<f64>()
+        .sqrt();
+    let bound = quantizer.config().clip_norm;
+    if norm > bound {
+        warn!(
+            norm,
+            bound, "the update is longer than secure aggregation's bound and is clipped to it"
+        );
+    }
+    let encoded = quantizer
+        .encode(delta, &mut secure.rng)
+        .map_err(|e| Exit::Left(format!("quantizing the update: {e}")))?;
+    let masked = secure
+        .client
+        .masked_input(inbox, &encoded)
+        .map_err(|e| Exit::Left(e.to_string()))?;
+    Ok(masked.masked)
+}
+
+/// Sends a message for a short stage. A refusal ends this node's part in the round; a
+/// transport failure is the caller's to handle.
+async fn send(
+    client: &mut CoordinatorClient,
+    session: &Session,
+    task: &Task,
+    message: SendMessage,
+) -> Result<Result<(), Exit>, Error> {
+    match client
+        .secagg_send(&session.token, task.round, message)
+        .await
+    {
+        Ok(()) => Ok(Ok(())),
+        Err(Error::Rpc { status, .. }) if is_refusal(status.code()) => {
+            Ok(Err(Exit::Left(status.message().to_string())))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Long-polls for the coordinator's message for `stage`, until it comes or the round is
+/// abandoned.
+async fn poll(
+    client: &mut CoordinatorClient,
+    session: &Session,
+    task: &Task,
+    stage: Stage,
+) -> Result<Result<Received, Exit>, Error> {
+    loop {
+        match client
+            .secagg_receive(&session.token, task.round, stage)
+            .await
+        {
+            Ok(Received::Pending) => continue,
+            Ok(Received::Abandoned(reason)) => return Ok(Err(Exit::Left(reason))),
+            Ok(received) => return Ok(Ok(received)),
+            Err(Error::Rpc { status, .. }) if is_refusal(status.code()) => {
+                return Ok(Err(Exit::Left(status.message().to_string())));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Codes with which the coordinator refuses a message for this round only.
+fn is_refusal(code: Code) -> bool {
+    matches!(code, Code::FailedPrecondition | Code::InvalidArgument)
 }

@@ -34,14 +34,22 @@
 //! noise_multiplier = 1.0
 //! delta = 1e-5
 //! ```
+//!
+//! Updates are combined with secure aggregation unless `[aggregation] mode = "plain"`; the
+//! section takes the coordinator's keys. `[simulation] dropout_rate` and `dropout_stage` make
+//! each virtual node go silent in a round with that probability, before sending its message
+//! for that stage (`advertise-keys`, `share-keys`, `masked-input` or `unmasking`). A silent
+//! node holds its stage until the stage's deadline, as a real one would, so simulations with
+//! dropouts want short `[aggregation] stage_deadline_secs` and `[rounds] deadline_secs`, and
+//! an explicit `[rounds] min_updates` below the cohort.
 
 use std::path::{Path, PathBuf};
 
 use athanor_coordinator::CoordinatorConfig;
 use athanor_coordinator::config::{
-    DpSwitch, FederationSection, ModelSection, NodePrivacySection,
-    PrivacySection as CoordinatorPrivacy, RoundsSection, ServerSection, StoreSection,
-    StrategySection, TrainingSection,
+    AggregationMode, AggregationSection, DpSwitch, FederationSection, ModelSection,
+    NodePrivacySection, PrivacySection as CoordinatorPrivacy, RoundsSection, ServerSection,
+    StoreSection, StrategySection, TrainingSection,
 };
 use athanor_core::accountant::Accountant;
 use athanor_node::NodeConfig;
@@ -74,6 +82,9 @@ pub struct SimConfig {
     /// Node-level DP of the published models, as for the coordinator.
     #[serde(default)]
     pub node_privacy: Option<NodePrivacySection>,
+    /// How updates are combined, as for the coordinator.
+    #[serde(default)]
+    pub aggregation: AggregationSection,
 }
 
 /// `[simulation]`.
@@ -93,6 +104,40 @@ pub struct SimulationSection {
     /// to anyone with the config: for research on public data only.
     #[serde(default)]
     pub reproducible: bool,
+    /// Probability that a virtual node drops out of a secure round.
+    #[serde(default)]
+    pub dropout_rate: f64,
+    /// The stage whose message a dropping node never sends.
+    #[serde(default)]
+    pub dropout_stage: DropoutStage,
+}
+
+/// Stage names accepted in `[simulation] dropout_stage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DropoutStage {
+    /// Never advertises keys.
+    AdvertiseKeys,
+    /// Advertises, never sends shares.
+    ShareKeys,
+    /// Sends shares, never its masked input.
+    #[default]
+    MaskedInput,
+    /// Sends its masked input, never the unmasking shares.
+    Unmasking,
+}
+
+impl DropoutStage {
+    /// The protocol stage.
+    pub fn stage(self) -> athanor_core::secagg::Stage {
+        use athanor_core::secagg::Stage;
+        match self {
+            DropoutStage::AdvertiseKeys => Stage::AdvertiseKeys,
+            DropoutStage::ShareKeys => Stage::ShareKeys,
+            DropoutStage::MaskedInput => Stage::MaskedInput,
+            DropoutStage::Unmasking => Stage::Unmasking,
+        }
+    }
 }
 
 /// Partition names accepted in `[simulation] partition`.
@@ -227,6 +272,28 @@ impl SimConfig {
         if !(d > 0.0 && d < 1.0) {
             return Err(format!("[privacy] delta must be in (0, 1), got {d}"));
         }
+        let rate = self.simulation.dropout_rate;
+        if !(0.0..1.0).contains(&rate) {
+            return Err(format!(
+                "[simulation] dropout_rate must be in [0, 1), got {rate}"
+            ));
+        }
+        if rate > 0.0 {
+            if self.aggregation.mode != AggregationMode::Secure {
+                return Err(
+                    "[simulation] dropout_rate applies to secure aggregation only; plain mode \
+                     has no stages to drop out of"
+                        .into(),
+                );
+            }
+            if self.rounds.min_updates.is_none() {
+                return Err(
+                    "[simulation] dropout_rate needs an explicit [rounds] min_updates: by \
+                     default a round waits for its whole cohort, which dropouts never leave"
+                        .into(),
+                );
+            }
+        }
         self.coordinator(Path::new("store")).check()
     }
 
@@ -270,6 +337,7 @@ impl SimConfig {
                 }
                 node
             }),
+            aggregation: self.aggregation.clone(),
         }
     }
 
@@ -281,7 +349,10 @@ impl SimConfig {
         let id = node_name(index);
         let ledger = ledgers.join(format!("{id}.privacy-ledger.jsonl"));
         NodeConfig {
-            node: NodeSection { id },
+            node: NodeSection {
+                id,
+                insecure_seed: None,
+            },
             coordinator: CoordinatorSection {
                 address: "http://in-memory.invalid".into(),
                 max_backoff_secs: 1,

@@ -14,8 +14,11 @@ use athanor_coordinator::Coordinator;
 use athanor_coordinator::store::{Epsilon, Manifest};
 use athanor_core::model::{self, ModelSpec};
 use athanor_node::data::{Dataset, Schema};
+use athanor_node::worker::Dropouts;
 use athanor_node::{Node, Randomness};
 use ndarray::ArrayView2;
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
 use serde::Serialize;
 use tokio::sync::broadcast;
 use tracing::{info, warn};
@@ -138,7 +141,16 @@ pub async fn run(config: SimConfig, out: &Path) -> Result<Summary, Error> {
         };
         let share = train.subset(rows);
         let local_test = share.subset(&[]);
-        let node = Node::new(config.node(index, &ledgers), share, local_test, randomness)?;
+        let mut node = Node::new(config.node(index, &ledgers), share, local_test, randomness)?;
+        if config.simulation.dropout_rate > 0.0 {
+            node.inject_dropouts(Dropouts {
+                rate: config.simulation.dropout_rate,
+                stage: config.simulation.dropout_stage.stage(),
+                rng: ChaCha20Rng::seed_from_u64(
+                    config.simulation.seed ^ 0xd20_9047 ^ (index as u64) << 32,
+                ),
+            });
+        }
         let channel = network.channel();
         nodes.push(tokio::spawn(node.run(channel, std::future::pending())));
     }

@@ -207,6 +207,11 @@ expected_batch_size = 24
 dp = "on"
 clip_norm = 1.0
 noise_multiplier = 1.0
+
+# Secure aggregation, with short stages: a node that lost the coordinator mid-round rejoins
+# within a second or two.
+[aggregation]
+stage_deadline_secs = 2
 "#
     )
 }

@@ -324,6 +324,10 @@ expected_batch_size = {batch}
 dp = "on"
 clip_norm = 1.0
 noise_multiplier = 1.0
+
+# One node: secure aggregation needs at least two.
+[aggregation]
+mode = "plain"
 "#,
         lr = PLAN.learning_rate,
         epochs = PLAN.local_epochs,

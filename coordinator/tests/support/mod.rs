@@ -56,6 +56,8 @@ pub const CONFIG: &str = r#"
     dp = "on"
     clip_norm = 1.0
     noise_multiplier = 1.0
+    [aggregation]
+    mode = "plain"
 "#;
 
 /// A coordinator serving on `127.0.0.1:<ephemeral>` with its round driver running.
@@ -184,6 +186,7 @@ pub async fn task(client: &mut FederationClient<Channel>, session: &str) -> pb::
 /// The header of an honest update for `task`, of weight 1.
 pub fn header(session: &str, task: &pb::Task) -> pb::UpdateHeader {
     pb::UpdateHeader {
+        secure: None,
         session: session.to_string(),
         round: task.round,
         model_version: task.model_version,

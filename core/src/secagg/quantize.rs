@@ -192,6 +192,33 @@ impl Quantizer {
         })
     }
 
+    /// The quantizer with the finest power-of-two step `gamma = 2^-k` that `config` allows:
+    /// the smallest rounding error for which a full cohort's sum cannot wrap and each node's
+    /// noise stays within the sampler's range. `config.granularity` is ignored.
+    ///
+    /// A power of two keeps the scaling exact in floating point.
+    ///
+    /// # Errors
+    /// As [`Quantizer::new`] for the coarsest step tried (`2^64`), when no step fits.
+    pub fn finest(config: QuantizationConfig) -> Result<Quantizer, SecAggError> {
+        let mut last = None;
+        for k in (-64..=64).rev() {
+            let granularity = 2_f64.powi(-k);
+            match Quantizer::new(QuantizationConfig {
+                granularity,
+                ..config
+            }) {
+                Ok(quantizer) => return Ok(quantizer),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(SecAggError::InvalidConfig {
+            name: "granularity",
+            expected: "a step that fits the ring",
+            got: "none".into(),
+        }))
+    }
+
     /// Checks that a round's secure aggregation carries this quantizer's vectors safely: the
     /// same ring and length, a cohort no larger than the one the ring was sized for, and a
     /// survivor minimum at least the one the noise was sized for (else a round could finish
@@ -238,6 +265,11 @@ impl Quantizer {
             );
         }
         Ok(())
+    }
+
+    /// The configuration this quantizer was built from.
+    pub fn config(&self) -> &QuantizationConfig {
+        &self.config
     }
 
     /// Elements of an encoded vector: the dimension, padded to a power of two when rotating.
@@ -449,6 +481,41 @@ mod tests {
     use rand_chacha::ChaCha20Rng;
 
     use super::*;
+
+    #[test]
+    fn the_finest_step_fits_and_half_of_it_does_not() {
+        let config = QuantizationConfig {
+            dimension: 1000,
+            clip_norm: 3.0,
+            granularity: 1.0,
+            rotation_seed: Some([4; 32]),
+            noise: DistributedNoise::Gaussian {
+                sum_std: 2.0,
+                min_survivors: 6,
+            },
+            max_contributors: 10,
+            ring_bits: 32,
+            tail_bits: 40,
+        };
+        let finest = Quantizer::finest(config).unwrap();
+        let gamma = finest.config.granularity;
+        assert_eq!(gamma.log2().fract(), 0.0, "{gamma} is not a power of two");
+        let finer = QuantizationConfig {
+            granularity: gamma / 2.0,
+            ..config
+        };
+        assert!(Quantizer::new(finer).is_err());
+        // 10 nodes of at most 3 / gamma each, plus the noise tail, in 31 magnitude bits.
+        assert!(10.0 * 3.0 / gamma < 2_f64.powi(31));
+        assert!(10.0 * 3.0 / gamma > 2_f64.powi(28));
+
+        let hopeless = QuantizationConfig {
+            ring_bits: 2,
+            max_contributors: 10,
+            ..config
+        };
+        assert!(Quantizer::finest(hopeless).is_err());
+    }
 
     #[test]
     fn stochastic_rounding_is_unbiased() {
