@@ -547,7 +547,10 @@ impl Coordinator {
         header: &UpdateHeader,
     ) -> Result<(), Error> {
         let (expected, what) = match state.round.as_ref().and_then(|r| r.secure.as_ref()) {
-            Some(secure) => (secure.vector_len(), "values, the round's masked vectors have"),
+            Some(secure) => (
+                secure.vector_len(),
+                "values, the round's masked vectors have",
+            ),
             None => (self.shared.spec.num_params(), "parameters, the model has"),
         };
         if header.num_params != expected {
@@ -1164,6 +1167,10 @@ impl Coordinator {
 
         let mut round = round;
         let secure = round.secure.take();
+        if let Some(reason) = secure.as_ref().and_then(SecureRound::abandoned) {
+            self.abandon(round.id, &format!("secure aggregation: {reason}"));
+            return Ok(false);
+        }
         let mut submissions = Vec::new();
         let mut masked = BTreeMap::new();
         let (mut declined, mut missing) = (0usize, 0usize);

@@ -500,7 +500,10 @@ fn task_from_wire(task: pb::Task) -> Result<Work, Error> {
 /// Checks a round's secure-aggregation parameters as far as a node can: the protocol
 /// configuration is valid and invites this node, and the quantizer fits the ring and agrees
 /// with the protocol on lengths, cohort and survivors.
-fn secure_from_wire(wire: pb::SecureAggregation) -> Result<SecureTask, String> {
+///
+/// # Errors
+/// A message naming the parameter at fault.
+pub fn secure_from_wire(wire: pb::SecureAggregation) -> Result<SecureTask, String> {
     let usize_of = |name: &str, v: u64| {
         usize::try_from(v).map_err(|_| format!("{name} = {v} does not fit this machine"))
     };

@@ -43,6 +43,10 @@ use athanor_core::secagg::{ClientRound, Stage};
 use athanor_proto::v1::sec_agg_send_request::Message as SendMessage;
 use rand::RngExt;
 
+/// How long a node that left a secure round waits before polling again while that round is
+/// still open.
+const LEFT_ROUND_PAUSE: Duration = Duration::from_millis(200);
+
 /// First pause after a failed connection attempt.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 
@@ -87,6 +91,8 @@ pub struct Node {
     secure_seed: Option<u64>,
     /// Dropouts injected by the simulator.
     dropouts: Option<Dropouts>,
+    /// The secure round this node left or dropped out of: its task is not taken up again.
+    left_round: Option<u64>,
 }
 
 /// Makes a node drop out of secure rounds on purpose, as the simulator asks: in each round,
@@ -187,6 +193,7 @@ impl Node {
             diagnosis: None,
             secure_seed,
             dropouts: None,
+            left_round: None,
         })
     }
 
@@ -373,6 +380,11 @@ impl Node {
                     info!(%reason, "federation finished");
                     return Ok(reason);
                 }
+                Work::Task(task) if self.left_round == Some(task.round) => {
+                    // The coordinator hands the task out while keys may still be advertised;
+                    // a node that left the round stays out, as if it were gone.
+                    tokio::time::sleep(LEFT_ROUND_PAUSE).await;
+                }
                 Work::Task(task) => {
                     let span = info_span!("round", round = task.round);
                     if let Some(reason) =
@@ -414,7 +426,7 @@ impl Node {
                     .await?
                 {
                     Ok(secure) => Some(secure),
-                    Err(exit) => return Ok(self.left_round(exit)),
+                    Err(exit) => return Ok(self.left_round(task.round, exit)),
                 }
             }
             None => None,
@@ -449,7 +461,7 @@ impl Node {
         let inbox = match &mut secure {
             Some(secure) => match self.receive_inbox(client, session, &task, secure).await? {
                 Ok(inbox) => Some(inbox),
-                Err(exit) => return Ok(self.left_round(exit)),
+                Err(exit) => return Ok(self.left_round(task.round, exit)),
             },
             None => None,
         };
@@ -474,7 +486,7 @@ impl Node {
         let masked = match (&mut secure, inbox) {
             (Some(secure), Some(inbox)) => match mask(secure, &inbox, &delta) {
                 Ok(masked) => Some((secure.task.config.round, secure.task.node, masked)),
-                Err(exit) => return Ok(self.left_round(exit)),
+                Err(exit) => return Ok(self.left_round(task.round, exit)),
             },
             _ => None,
         };
@@ -509,7 +521,7 @@ impl Node {
                 if let Some(secure) = &mut secure
                     && let Err(exit) = self.unmask(client, session, &task, secure).await?
                 {
-                    return Ok(self.left_round(exit));
+                    return Ok(self.left_round(task.round, exit));
                 }
                 Ok(None)
             }
@@ -634,7 +646,8 @@ impl Node {
     }
 
     /// Logs why this node's part in a secure round ended; the node goes back to polling.
-    fn left_round(&mut self, exit: Exit) -> Option<String> {
+    fn left_round(&mut self, round: u64, exit: Exit) -> Option<String> {
+        self.left_round = Some(round);
         match exit {
             Exit::Left(reason) => warn!(%reason, "left the secure round"),
             Exit::Dropped(stage) => info!(%stage, "dropped out of the round (simulated)"),

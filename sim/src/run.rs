@@ -306,8 +306,11 @@ async fn follow(
         )
         .map_err(io)?;
         csv.flush().map_err(io)?;
+        // Versions count towards the total; round numbers also count abandoned rounds.
         println!(
-            "round {:>4}/{total}  accuracy {:.4}  loss {:.4}  epsilon {:>8.4}  contributors {:>4}  {:>6.2}s",
+            "version {:>4}/{total} (round {:>4})  accuracy {:.4}  loss {:.4}  epsilon {:>8.4}  \
+             contributors {:>4}  {:>6.2}s",
+            record.version,
             record.round,
             record.accuracy,
             record.loss,
