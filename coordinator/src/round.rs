@@ -301,6 +301,14 @@ impl Coordinator {
             );
         }
 
+        if config.aggregation.mode == AggregationMode::Secure && config.node_privacy.is_none() {
+            warn!(
+                "secure aggregation without [node_privacy]: nodes add no node-level noise, so \
+                 this coordinator learns the exact sum of each round's updates (each still \
+                 carries its node's DP-SGD noise) and published models hide no organization"
+            );
+        }
+
         let store = ModelStore::open(&config.store.dir)?;
         if store.latest().is_none() {
             let params = spec.init(config.model.init_seed);

@@ -10,6 +10,8 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use athanor_coordinator::CoordinatorConfig;
+use athanor_coordinator::round::NodeId;
+use athanor_coordinator::secure::{NodeMessage, SecureRound};
 use athanor_coordinator::store::{
     self, DatasetFingerprint, Epsilon, ExamplePrivacy, MANIFEST_FILE, ManifestDraft, ModelStore,
     NodePrivacy, StoreError, VersionStatus, WEIGHTS_FILE,
@@ -19,6 +21,7 @@ use athanor_core::model::{Architecture, ModelSpec};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::RngSeed;
+use rand::SeedableRng;
 use serde_json::Value;
 
 /// A complete coordinator configuration, to mutate.
@@ -443,5 +446,103 @@ proptest! {
             replace_nth(&mut manifest, &mut index, with);
         }
         open_with_manifest(damaged, manifest.to_string().as_bytes());
+    }
+}
+
+/// A message of any kind, from any member or a stranger, with arbitrary fields.
+fn secure_message() -> impl Strategy<Value = (usize, NodeMessage)> {
+    use athanor_core::secagg::messages::{
+        AdvertiseKeys, EncryptedShare, RevealedShare, ShareKeys, UnmaskResponse,
+    };
+    use athanor_core::secagg::{NodeId, RoundId};
+    let bytes = || prop::collection::vec(any::<u8>(), 0..40);
+    let ids = || prop::collection::vec(0u64..6, 0..4);
+    let advertise = (0u32..5, 0u64..6, bytes(), bytes()).prop_map(|(stage, node, c, m)| {
+        NodeMessage::AdvertiseKeys(AdvertiseKeys {
+            round: RoundId(7),
+            stage,
+            node: NodeId(node),
+            cipher_public_key: c,
+            mask_public_key: m,
+        })
+    });
+    let share = (0u32..5, 0u64..6, bytes(), ids(), bytes()).prop_map(
+        |(stage, node, commitment, recipients, ciphertext)| {
+            NodeMessage::ShareKeys(ShareKeys {
+                round: RoundId(7),
+                stage,
+                node: NodeId(node),
+                self_mask_commitment: commitment,
+                shares: recipients
+                    .into_iter()
+                    .map(|r| EncryptedShare {
+                        sender: NodeId(node),
+                        recipient: NodeId(r),
+                        ciphertext: ciphertext.clone(),
+                    })
+                    .collect(),
+            })
+        },
+    );
+    let unmask = (0u32..5, 0u64..6, ids(), bytes()).prop_map(|(stage, node, owners, share)| {
+        NodeMessage::Unmask(UnmaskResponse {
+            round: RoundId(7),
+            stage,
+            node: NodeId(node),
+            self_mask_shares: owners
+                .iter()
+                .map(|&o| RevealedShare {
+                    owner: NodeId(o),
+                    share: share.clone(),
+                })
+                .collect(),
+            mask_key_shares: Vec::new(),
+        })
+    });
+    (0usize..4, prop_oneof![advertise, share, unmask])
+}
+
+fn secure_round_config() -> CoordinatorConfig {
+    let mut config = CoordinatorConfig::parse(COORDINATOR_CONFIG, Path::new("fuzz.toml"))
+        .expect("template parses");
+    config.aggregation = Default::default();
+    config
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Whatever nodes send, in whatever order and whenever stages close, the coordinator's side
+    /// of secure aggregation answers with an error or moves on; it never panics.
+    #[test]
+    fn arbitrary_secure_messages_are_refused_or_handled_without_panic(
+        steps in prop::collection::vec(prop::option::weighted(0.85, secure_message()), 1..24),
+    ) {
+        let config = secure_round_config();
+        let members: Vec<NodeId> = ["org-a", "org-b", "org-c"]
+            .iter()
+            .map(|n| NodeId((*n).to_string()))
+            .collect();
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
+        let mut round = SecureRound::open(&config, &members, 8, &mut rng)
+            .expect("a round for three members");
+        let stranger = NodeId("org-z".into());
+        for step in steps {
+            match step {
+                Some((sender, message)) => {
+                    let sender = members.get(sender).unwrap_or(&stranger);
+                    let _ = round.receive(sender, message);
+                    let _ = round.outgoing(sender, 1);
+                    let _ = round.outgoing(sender, 3);
+                }
+                None => {
+                    round.close_stage(
+                        std::time::Duration::from_millis(1),
+                        tokio::time::Instant::now(),
+                    );
+                }
+            }
+        }
+        let _ = round.finish();
     }
 }

@@ -25,6 +25,7 @@ use athanor_proto::v1::{self as pb};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use support::{Served, bytes_chunk, header_chunk, join, submit, task, within};
+use tonic::Code;
 use tonic::transport::Channel;
 
 /// Parameters of the model below: 63 features plus a bias, times 2 classes; a power of two,
@@ -209,6 +210,163 @@ async fn secure_noise_follows_the_survivors_and_is_accounted_for_them() {
             "accounted multiplier {z} for 5 survivors, expected {expected}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn messages_that_break_the_protocol_are_refused_and_the_round_still_publishes() {
+    let served = Served::start_from(&config("secure", 3, 3), |c| c.rounds.total = 1).await;
+    let mut clients = Vec::new();
+    let mut sessions = Vec::new();
+    for index in 0..3 {
+        let mut client = served.federation().await;
+        sessions.push(join(&mut client, &format!("node-{index}")).await);
+        clients.push(client);
+    }
+    let mut tasks = Vec::new();
+    for (client, session) in clients.iter_mut().zip(&sessions) {
+        tasks.push(task(client, session).await);
+    }
+    let (client, session, task) = (&mut clients[0], &sessions[0], &tasks[0]);
+    let wire = task.secure.clone().expect("a secure task");
+    let secure = athanor_node::client::secure_from_wire(wire).expect("valid parameters");
+    let mut rng = ChaCha20Rng::seed_from_u64(1);
+    let (_, advertisement) =
+        ClientRound::new(secure.config.clone(), secure.node, &mut rng).expect("round starts");
+    let advertise = |edit: &dyn Fn(&mut pb::AdvertiseKeys)| {
+        let mut message = pb::AdvertiseKeys::from(advertisement.clone());
+        edit(&mut message);
+        Some(pb::sec_agg_send_request::Message::AdvertiseKeys(message))
+    };
+    let other_node = secure
+        .config
+        .cohort
+        .iter()
+        .find(|n| **n != secure.node)
+        .unwrap()
+        .0;
+    let cases: Vec<(&str, Option<pb::sec_agg_send_request::Message>, Code, &str)> = vec![
+        ("no content", None, Code::InvalidArgument, "no content"),
+        (
+            "another node's number",
+            advertise(&|m| m.node = other_node),
+            Code::InvalidArgument,
+            "names sender",
+        ),
+        (
+            "another protocol round",
+            advertise(&|m| m.protocol_round ^= 1),
+            Code::FailedPrecondition,
+            "round",
+        ),
+        (
+            "a short key",
+            advertise(&|m| m.mask_public_key.truncate(31)),
+            Code::InvalidArgument,
+            "",
+        ),
+        (
+            "an all-zero key",
+            advertise(&|m| m.cipher_public_key = vec![0; 32]),
+            Code::InvalidArgument,
+            "",
+        ),
+        (
+            "shares before the directory",
+            Some(pb::sec_agg_send_request::Message::ShareKeys(
+                pb::ShareKeys {
+                    protocol_round: secure.config.round.0,
+                    stage: 1,
+                    node: secure.node.0,
+                    ..pb::ShareKeys::default()
+                },
+            )),
+            Code::FailedPrecondition,
+            "share-keys",
+        ),
+    ];
+    for (case, message, code, says) in cases {
+        let refused = client
+            .sec_agg_send(pb::SecAggSendRequest {
+                session: session.clone(),
+                round: task.round,
+                message,
+            })
+            .await
+            .expect_err(case);
+        assert_eq!(refused.code(), code, "{case}: {refused:?}");
+        assert!(refused.message().contains(says), "{case}: {refused:?}");
+    }
+
+    let poll = |session: &str, round: u64, stage: u32| pb::SecAggReceiveRequest {
+        session: session.to_string(),
+        round,
+        stage,
+    };
+    let refused = client
+        .sec_agg_receive(poll(session, task.round, 7))
+        .await
+        .expect_err("stage 7");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    let refused = client
+        .sec_agg_receive(poll(session, task.round + 1, 1))
+        .await
+        .expect_err("a round not open");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    let refused = client
+        .sec_agg_receive(poll("not-a-session", task.round, 1))
+        .await
+        .expect_err("unknown session");
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+
+    // A masked input while keys are being advertised, and a plain update in a secure round.
+    let mut header = support::header(session, task);
+    header.num_params = secure.config.vector_len as u64;
+    header.secure = Some(pb::SecureInput {
+        protocol_round: secure.config.round.0,
+        node: secure.node.0,
+    });
+    let bytes = vec![0u8; secure.config.vector_len * 4];
+    let refused = submit(
+        client,
+        vec![header_chunk(header.clone()), bytes_chunk(bytes)],
+    )
+    .await
+    .expect_err("early masked input");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    header.secure = None;
+    header.num_params = PARAMS as u64;
+    let refused = submit(
+        client,
+        vec![header_chunk(header), bytes_chunk(vec![0; PARAMS * 4])],
+    )
+    .await
+    .expect_err("plain update");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+
+    // Every refusal left the round as it was: the three nodes now complete it honestly.
+    let mut honest = Vec::new();
+    for ((mut client, session), task) in clients.into_iter().zip(sessions).zip(tasks) {
+        honest.push(tokio::spawn(async move {
+            let mut rng = ChaCha20Rng::try_from_rng(&mut rand::rngs::SysRng).unwrap();
+            secure_round(&mut client, &session, &task, Behaviour::Secure, &mut rng).await;
+        }));
+    }
+    for node in honest {
+        node.await.expect("honest node completes the round");
+    }
+    let store = served.coordinator.store();
+    within(
+        async {
+            while store.next_version() < 2 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+        "the round published",
+    )
+    .await;
+    let (manifest, _) = store.load(1).expect("version 1");
+    assert_eq!(manifest.contributors, 3);
+    served.stop().await;
 }
 
 /// Plays one node until it has handled [`ROUNDS`] tasks.
