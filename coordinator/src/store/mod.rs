@@ -39,11 +39,10 @@
 //! # Weights file
 //!
 //! One `F32` tensor per [`TensorView`] of the model, under its name (`w`, `b` or `w1`, `b1`,
-//! `w2`, `b2`) and shape. The tensors are laid out in the order of the flat parameter vector,
-//! so the file's data section is exactly that vector in little-endian `f32`. The header carries
-//! string metadata: `athanor_format` (`"1"`), `version`, `architecture` (`logistic_regression`
-//! or `mlp`) and `model` (the [`ModelSpec`] as JSON). The store writes the header itself with
-//! sorted keys, so the same parameters and version always give the same bytes and hash.
+//! `w2`, `b2`) and shape, in the order of the flat parameter vector, with the version and the
+//! model in its metadata. [`athanor_core::export::safetensors_file`] builds it and documents
+//! the layout; nodes that fetch a version build the same bytes with it, so the same
+//! parameters and version always give the same file and hash wherever it is written.
 //!
 //! # Concurrency
 //!
@@ -64,9 +63,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::SystemTime;
 
-use athanor_core::model::{Architecture, ModelSpec, TensorView};
+use athanor_core::export;
+use athanor_core::model::{ModelSpec, TensorView};
 use safetensors::{Dtype, SafeTensors};
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
@@ -83,8 +83,6 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 const VERSIONS_DIR: &str = "versions";
 /// Prefix of a version directory being written.
 const PARTIAL_PREFIX: &str = ".partial-";
-/// Value of the `athanor_format` metadata key in weights files.
-const WEIGHTS_FORMAT: &str = "1";
 
 /// What can go wrong storing or reading model versions.
 #[derive(Debug, thiserror::Error)]
@@ -460,7 +458,7 @@ impl ModelStore {
         check_params(&draft.model, params)?;
 
         // Build both files in memory.
-        let weights = encode_weights(version, &draft.model, params);
+        let weights = export::safetensors_file(version, &draft.model, params);
         let weights_sha256 = hex::encode(Sha256::digest(&weights));
         let created_at = manifest::rfc3339_utc(SystemTime::now());
         let manifest = Manifest::from_draft(draft, version, created_at, weights_sha256);
@@ -683,44 +681,6 @@ fn check_params(model: &ModelSpec, params: &[f32]) -> Result<(), StoreError> {
         tensor,
         value: params[index],
     })
-}
-
-/// Serializes parameters as a safetensors file. See the module documentation for the layout.
-///
-/// The format: an 8-byte little-endian header length, the JSON header padded with spaces to a
-/// multiple of 8 bytes, then the tensor data, each tensor at the byte offsets its header entry
-/// gives relative to the end of the header.
-fn encode_weights(version: u64, model: &ModelSpec, params: &[f32]) -> Vec<u8> {
-    let architecture = match model.architecture {
-        Architecture::LogisticRegression => "logistic_regression",
-        Architecture::Mlp { .. } => "mlp",
-    };
-    let mut header = Map::new();
-    header.insert(
-        "__metadata__".to_owned(),
-        json!({
-            "athanor_format": WEIGHTS_FORMAT,
-            "version": version.to_string(),
-            "architecture": architecture,
-            "model": json!(model).to_string(),
-        }),
-    );
-    for view in model.tensors() {
-        let (start, end) = (view.offset * 4, (view.offset + view.len()) * 4);
-        let entry = json!({ "dtype": "F32", "shape": view.shape, "data_offsets": [start, end] });
-        header.insert(view.name.to_owned(), entry);
-    }
-
-    let mut header = Value::Object(header).to_string().into_bytes();
-    header.resize(header.len().next_multiple_of(8), b' ');
-
-    let mut bytes = Vec::with_capacity(8 + header.len() + params.len() * 4);
-    bytes.extend_from_slice(&(header.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(&header);
-    for value in params {
-        bytes.extend_from_slice(&value.to_le_bytes());
-    }
-    bytes
 }
 
 /// Parses a safetensors file into a flat parameter vector, checking that it holds exactly the
