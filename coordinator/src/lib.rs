@@ -5,6 +5,7 @@
 //! - [`round`]: the round state machine shared by the gRPC services and the round driver;
 //! - [`strategy`]: aggregation (FedAvg);
 //! - [`store`]: the on-disk model store;
+//! - [`pause`]: the operator's pause, kept in the store directory across restarts;
 //! - [`export`]: a version's weights as a safetensors or `.npy` file for other tools;
 //! - [`service`]: the node-facing and admin gRPC services over [`round::Coordinator`];
 //! - [`tls`]: the listener's mutual TLS (or `--insecure` plaintext);
@@ -19,6 +20,7 @@ pub mod certs;
 pub mod config;
 pub mod export;
 pub mod node_privacy;
+pub mod pause;
 pub mod round;
 pub mod server;
 pub mod service;

@@ -13,8 +13,8 @@
 //!
 //! An operator may pause the federation ([`Coordinator::pause_rounds`]): the round already
 //! open runs to its end, but the driver opens no new one until
-//! [`Coordinator::resume_rounds`]. Pausing lives in memory only; a restarted coordinator runs
-//! rounds again.
+//! [`Coordinator::resume_rounds`]. The pause is recorded in the store directory
+//! ([`crate::pause`]) before it is acknowledged, so a restarted coordinator comes up paused.
 //!
 //! State lives behind one `std::sync::Mutex` that is never held across an `.await`; waiters
 //! learn about changes through a `watch` channel whose counter is bumped on every change, so
@@ -35,6 +35,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::Error;
 use crate::config::CoordinatorConfig;
 use crate::node_privacy::{NodeLevelDp, Spending};
+use crate::pause::PauseFlag;
 use crate::store::{
     DatasetFingerprint, Epsilon, ExamplePrivacy, Manifest, ManifestDraft, ModelStore, NodePrivacy,
     StoreError, VersionStatus,
@@ -139,7 +140,8 @@ pub struct Status {
     pub rounds_completed: u64,
     /// Rounds abandoned.
     pub rounds_abandoned: u64,
-    /// Whether the operator paused rounds (an open round still runs to its end).
+    /// Whether the operator paused rounds (an open round still runs to its end). Read from the
+    /// store directory at start, so a pause outlives restarts.
     pub paused: bool,
     /// Rounds to publish before the federation finishes.
     pub rounds_total: u64,
@@ -200,6 +202,10 @@ struct Shared {
     /// Node-level DP of the published models, when configured. Only the task that drives
     /// rounds takes this lock.
     node_dp: Option<Mutex<NodeLevelDp>>,
+    /// Where the pause is recorded.
+    pause_flag: PauseFlag,
+    /// Held while the pause is changed, so the file and [`State::paused`] change together.
+    pausing: Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -213,7 +219,8 @@ struct State {
     rounds_abandoned: u64,
     finished: Option<String>,
     optimizer: ServerOptimizer,
-    /// Set by the operator: open no new round.
+    /// Set by the operator: open no new round. Mirrors the pause file, which is written
+    /// first.
     paused: bool,
     /// Published versions each node contributed to (see [`NodeSummary::rounds_contributed`]).
     contributions: HashMap<NodeId, u64>,
@@ -331,6 +338,14 @@ impl Coordinator {
             round = manifest.round,
             "resuming from latest version"
         );
+        let pause_flag = PauseFlag::in_store(&config.store.dir);
+        let paused = pause_flag.is_set()?;
+        if paused {
+            info!(
+                flag = %pause_flag.path().display(),
+                "starting paused, as the operator left it: no round opens until `rounds resume`"
+            );
+        }
 
         let state = State {
             nodes: HashMap::new(),
@@ -347,7 +362,7 @@ impl Coordinator {
                 config.strategy.server_learning_rate,
                 config.strategy.server_momentum,
             ),
-            paused: false,
+            paused,
             contributions,
             node_spending,
         };
@@ -364,6 +379,8 @@ impl Coordinator {
                 changed,
                 published,
                 node_dp,
+                pause_flag,
+                pausing: Mutex::new(()),
             }),
         })
     }
@@ -691,8 +708,16 @@ impl Coordinator {
         nodes
     }
 
-    /// Stops the driver from opening new rounds; the open round, if any, runs to its end.
-    pub fn pause_rounds(&self) -> Paused {
+    /// Stops the driver from opening new rounds; the open round, if any, runs to its end. The
+    /// pause is on disk when this returns, so it outlives a restart. Touches the disk: call it
+    /// from `spawn_blocking`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the pause cannot be recorded; rounds are then not paused.
+    pub fn pause_rounds(&self) -> Result<Paused, Error> {
+        let _pausing = lock(&self.shared.pausing);
+        // Written even when already paused, in case the file was deleted by hand.
+        self.shared.pause_flag.set()?;
         let mut state = self.lock();
         let paused = Paused {
             was_paused: state.paused,
@@ -704,17 +729,23 @@ impl Coordinator {
             info!(open_round = ?paused.open_round, "rounds paused by the operator");
         }
         self.notify();
-        paused
+        Ok(paused)
     }
 
-    /// Lets the driver open rounds again. Returns whether rounds were paused.
-    pub fn resume_rounds(&self) -> bool {
+    /// Lets the driver open rounds again, and removes the pause from disk. Returns whether
+    /// rounds were paused. Touches the disk: call it from `spawn_blocking`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the pause file cannot be deleted; rounds then stay paused.
+    pub fn resume_rounds(&self) -> Result<bool, Error> {
+        let _pausing = lock(&self.shared.pausing);
+        self.shared.pause_flag.clear()?;
         let was_paused = std::mem::replace(&mut self.lock().paused, false);
         if was_paused {
             info!("rounds resumed by the operator");
         }
         self.notify();
-        was_paused
+        Ok(was_paused)
     }
 
     /// Runs rounds until the configured number has been published, too many in a row were

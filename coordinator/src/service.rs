@@ -627,7 +627,17 @@ impl Admin for AdminService {
         &self,
         _request: Request<pb::PauseRoundsRequest>,
     ) -> Result<Response<pb::PauseRoundsResponse>, Status> {
-        let paused = self.coordinator.pause_rounds();
+        let coordinator = self.coordinator.clone();
+        let paused = tokio::task::spawn_blocking(move || coordinator.pause_rounds())
+            .await
+            .map_err(|_| Status::internal("pausing failed"))?
+            .map_err(|e| {
+                error!(error = %e, "cannot record the pause");
+                Status::internal(
+                    "the pause could not be recorded in the store directory, so rounds are not \
+                     paused; the coordinator's log says why",
+                )
+            })?;
         Ok(Response::new(pb::PauseRoundsResponse {
             was_paused: paused.was_paused,
             open_round: paused.open_round,
@@ -638,7 +648,17 @@ impl Admin for AdminService {
         &self,
         _request: Request<pb::ResumeRoundsRequest>,
     ) -> Result<Response<pb::ResumeRoundsResponse>, Status> {
-        let was_paused = self.coordinator.resume_rounds();
+        let coordinator = self.coordinator.clone();
+        let was_paused = tokio::task::spawn_blocking(move || coordinator.resume_rounds())
+            .await
+            .map_err(|_| Status::internal("resuming failed"))?
+            .map_err(|e| {
+                error!(error = %e, "cannot remove the pause");
+                Status::internal(
+                    "the pause could not be removed from the store directory, so rounds stay \
+                     paused; the coordinator's log says why",
+                )
+            })?;
         Ok(Response::new(pb::ResumeRoundsResponse { was_paused }))
     }
 }

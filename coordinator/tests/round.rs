@@ -421,3 +421,51 @@ async fn a_node_that_declines_for_good_is_never_asked_again() {
     let (coordinator, _store) = federation.finish().await;
     assert_eq!(coordinator.status().rounds_completed, 1);
 }
+
+/// Opens a coordinator configured by [`CONFIG`] on the store in `dir`, as a restarted process
+/// would.
+fn reopen(dir: &Path, adjust: impl FnOnce(&mut CoordinatorConfig)) -> Coordinator {
+    let mut config = CoordinatorConfig::parse(CONFIG, Path::new("round-tests.toml"))
+        .expect("test config is valid");
+    config.store.dir = dir.to_path_buf();
+    adjust(&mut config);
+    config.check().expect("adjusted test config is valid");
+    Coordinator::open(config).expect("coordinator opens its store")
+}
+
+#[tokio::test]
+async fn a_pause_outlives_a_restart_and_so_does_resuming() {
+    let store_dir = TempDir::new().expect("temporary directory");
+    let more_rounds = |config: &mut CoordinatorConfig| config.rounds.total = 5;
+
+    let first = reopen(store_dir.path(), more_rounds);
+    assert!(!first.status().paused);
+    let paused = first.pause_rounds().expect("pause recorded");
+    assert!(!paused.was_paused);
+    assert!(store_dir.path().join("paused").is_file());
+    drop(first);
+
+    // The restarted coordinator is paused before anyone says so again, and opens no round
+    // although enough nodes are connected.
+    let second = reopen(store_dir.path(), more_rounds);
+    let status = second.status();
+    assert!(status.paused, "{status:?}");
+    assert_eq!(status.stage, "paused");
+    let driving = second.clone();
+    let driver = tokio::spawn(async move { driving.drive(std::future::pending()).await });
+    let sessions: Vec<String> = (0..2)
+        .map(|i| second.join(NodeId(format!("node-{i}")), None).session)
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(second.status().round, None, "a round opened while paused");
+
+    assert!(second.resume_rounds().expect("resume recorded"));
+    assert!(!store_dir.path().join("paused").exists());
+    let poll = within(second.wait_for_task(&sessions[0]), "a task").await;
+    assert!(matches!(poll, Ok(Poll::Task(_))), "{poll:?}");
+    driver.abort();
+    drop(second);
+
+    let third = reopen(store_dir.path(), more_rounds);
+    assert!(!third.status().paused);
+}

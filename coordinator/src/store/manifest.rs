@@ -343,7 +343,7 @@ impl Manifest {
 
 /// Formats a time as RFC 3339 in UTC to the second, e.g. `2026-12-04T15:02:11Z`. Times before
 /// 1970 are written as the epoch; they only occur with a badly set clock.
-pub(super) fn rfc3339_utc(time: SystemTime) -> String {
+pub(crate) fn rfc3339_utc(time: SystemTime) -> String {
     let secs = time
         .duration_since(UNIX_EPOCH)
         .map_or(0, |since| since.as_secs());

@@ -12,7 +12,11 @@
 //!       weights.safetensors
 //!       manifest.json
 //!     .partial-000002/         a publish in progress, or one a crash interrupted
+//!   paused                     present while the operator has rounds paused (see below)
 //! ```
+//!
+//! The store itself never reads or writes `paused`: the coordinator keeps the operator's pause
+//! there ([`crate::pause`]) so that it lives and moves with the store, and survives restarts.
 //!
 //! Version directories are named by their number, zero-padded to six digits so that `ls` lists
 //! them in order (a seventh digit is used past 999 999). The manifest is described in
