@@ -338,6 +338,7 @@ impl Coordinator {
             round = manifest.round,
             "resuming from latest version"
         );
+        let optimizer = resume_optimizer(&config, &store, &manifest);
         let pause_flag = PauseFlag::in_store(&config.store.dir);
         let paused = pause_flag.is_set()?;
         if paused {
@@ -356,12 +357,7 @@ impl Coordinator {
             rounds_completed,
             rounds_abandoned: 0,
             finished: None,
-            // TODO: the server momentum is not persisted, so a restarted coordinator resumes
-            // FedAvgM with zero velocity; storing it next to the weights would fix that.
-            optimizer: ServerOptimizer::new(
-                config.strategy.server_learning_rate,
-                config.strategy.server_momentum,
-            ),
+            optimizer,
             paused,
             contributions,
             node_spending,
@@ -1009,10 +1005,15 @@ impl Coordinator {
         let mut draft = self.draft(round.id, &global.manifest, &submissions);
         draft.node_privacy = node_privacy.clone();
         let store = self.store();
-        let published =
-            tokio::task::spawn_blocking(move || store.publish(draft, &params).map(|m| (m, params)))
-                .await
-                .map_err(|e| Error::InvalidRequest(format!("publishing task failed: {e}")))?;
+        // Without momentum there is no velocity to keep.
+        let velocity = Some(optimizer.velocity().to_vec()).filter(|v| !v.is_empty());
+        let published = tokio::task::spawn_blocking(move || {
+            store
+                .publish_with_optimizer(draft, &params, velocity.as_deref())
+                .map(|m| (m, params))
+        })
+        .await
+        .map_err(|e| Error::InvalidRequest(format!("publishing task failed: {e}")))?;
         let (manifest, params) = match published {
             Ok(published) => published,
             // A draft the store refuses comes from what nodes sent, not from the disk: lose
@@ -1249,6 +1250,51 @@ impl State {
 
     fn connected(&self) -> usize {
         self.connected_nodes().len()
+    }
+}
+
+/// The server optimizer, with the velocity stored with `latest` when there is momentum to
+/// resume. A velocity that is missing or damaged costs only the optimizer's memory: FedAvgM
+/// then starts again from zero velocity, which slows it for a few rounds but loses no model.
+fn resume_optimizer(
+    config: &CoordinatorConfig,
+    store: &ModelStore,
+    latest: &Manifest,
+) -> ServerOptimizer {
+    let (learning_rate, momentum) = (
+        config.strategy.server_learning_rate,
+        config.strategy.server_momentum,
+    );
+    let fresh = ServerOptimizer::new(learning_rate, momentum);
+    if momentum == 0.0 {
+        return fresh;
+    }
+
+    let version = latest.version;
+    match store.optimizer_velocity(version) {
+        Ok(Some(velocity)) => {
+            info!(version, "server momentum resumed from the store");
+            ServerOptimizer::resume(learning_rate, momentum, velocity)
+        }
+        // The initial model has no velocity to resume.
+        Ok(None) if latest.round == 0 => fresh,
+        Ok(None) => {
+            info!(
+                version,
+                "version {version} holds no server velocity (published without momentum or by \
+                 an older coordinator): server momentum starts from zero"
+            );
+            fresh
+        }
+        Err(error) => {
+            warn!(
+                version,
+                error = %crate::store::error_chain(&error),
+                "the server velocity stored with version {version} is unusable: server momentum \
+                 starts from zero; the version itself is intact"
+            );
+            fresh
+        }
     }
 }
 
