@@ -60,6 +60,13 @@ pub enum Error {
     /// newer join of the same node).
     #[error("unknown session; join again")]
     UnknownSession,
+    /// A watch-only session asked for something only a training session may do (a task, an
+    /// update, a decline).
+    #[error(
+        "this session is watch-only (joined as an observer): it may fetch models, and takes no \
+         part in rounds"
+    )]
+    WatchOnly,
     /// A node speaks another protocol version.
     #[error("protocol version {got} is not supported; this coordinator speaks {expected}")]
     ProtocolVersion {

@@ -16,6 +16,12 @@
 //! [`Coordinator::resume_rounds`]. The pause is recorded in the store directory
 //! ([`crate::pause`]) before it is acknowledged, so a restarted coordinator comes up paused.
 //!
+//! Besides training sessions, a node may hold watch-only ones ([`Coordinator::join_observer`]),
+//! which an operator's `athanor-node fetch` opens with the node's own certificate: they may
+//! fetch models, but never count towards `min_nodes`, are never drawn into a cohort, are not
+//! listed among the nodes, and neither replace nor are replaced by the node's training session,
+//! so fetching a model next to a running node does not knock it out of its round.
+//!
 //! State lives behind one `std::sync::Mutex` that is never held across an `.await`; waiters
 //! learn about changes through a `watch` channel whose counter is bumped on every change, so
 //! no wake-up is lost between checking the state and starting to wait.
@@ -45,8 +51,14 @@ use crate::strategy::{self, Contribution, ServerOptimizer};
 /// How long a long poll waits before answering "idle".
 const POLL_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A node not heard from for this long no longer counts as connected.
+/// A node not heard from for this long no longer counts as connected, and a watch-only
+/// session unused for this long is forgotten.
 const SESSION_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Watch-only sessions one node id may hold at once; joining past it forgets the one least
+/// recently used. Enough for a few operators fetching at once, and a bound on what repeated
+/// joins can make the coordinator remember.
+const MAX_OBSERVERS_PER_NODE: usize = 8;
 
 /// A node's identity within the federation.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -210,8 +222,10 @@ struct Shared {
 
 #[derive(Debug)]
 struct State {
+    /// Nodes with a training session, by id.
     nodes: HashMap<NodeId, NodeEntry>,
-    sessions: HashMap<String, NodeId>,
+    /// Every valid session token, training and watch-only.
+    sessions: HashMap<String, Holder>,
     round: Option<OpenRound>,
     global: Arc<GlobalModel>,
     next_round: u64,
@@ -226,6 +240,28 @@ struct State {
     contributions: HashMap<NodeId, u64>,
     /// Node-level spending as of the latest version, when accounted.
     node_spending: Option<Spending>,
+}
+
+/// Who holds a session token.
+#[derive(Debug, Clone)]
+enum Holder {
+    /// The node's training session; its [`NodeEntry`] keeps the rest.
+    Training(NodeId),
+    /// A watch-only session of the node.
+    Observer {
+        /// The node whose certificate (or claimed id) opened it.
+        node: NodeId,
+        /// When it was last used; it is forgotten [`SESSION_TIMEOUT`] later.
+        last_seen: Instant,
+    },
+}
+
+impl Holder {
+    fn node(&self) -> &NodeId {
+        match self {
+            Holder::Training(node) | Holder::Observer { node, .. } => node,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -421,7 +457,9 @@ impl Coordinator {
             state.sessions.remove(&old_session);
             debug!(%node, "node joined again; earlier session replaced");
         }
-        state.sessions.insert(session.clone(), node.clone());
+        state
+            .sessions
+            .insert(session.clone(), Holder::Training(node.clone()));
         let now = Instant::now();
         state.nodes.insert(
             node.clone(),
@@ -437,6 +475,50 @@ impl Coordinator {
 
         info!(%node, "node joined");
         self.notify();
+        Joined {
+            session,
+            spec: self.shared.spec,
+            latest_version,
+        }
+    }
+
+    /// Opens a watch-only session for `node`: it may fetch models, and takes no part in rounds
+    /// (see the [module documentation](self)). The node's training session, if it has one, is
+    /// left as it is.
+    pub fn join_observer(&self, node: NodeId) -> Joined {
+        let session = new_session_token();
+        let now = Instant::now();
+        let mut state = self.lock();
+        state.sessions.retain(|_, holder| match holder {
+            Holder::Observer { last_seen, .. } => now.duration_since(*last_seen) < SESSION_TIMEOUT,
+            Holder::Training(_) => true,
+        });
+        let mut held: Vec<(Instant, String)> = state
+            .sessions
+            .iter()
+            .filter_map(|(token, holder)| match holder {
+                Holder::Observer { node: n, last_seen } if *n == node => {
+                    Some((*last_seen, token.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        held.sort();
+        let excess = (held.len() + 1).saturating_sub(MAX_OBSERVERS_PER_NODE);
+        for (_, token) in held.into_iter().take(excess) {
+            state.sessions.remove(&token);
+        }
+        state.sessions.insert(
+            session.clone(),
+            Holder::Observer {
+                node: node.clone(),
+                last_seen: now,
+            },
+        );
+        let latest_version = state.global.manifest.version;
+        drop(state);
+
+        info!(%node, "observer joined (watch only)");
         Joined {
             session,
             spec: self.shared.spec,
@@ -488,12 +570,33 @@ impl Coordinator {
         })))
     }
 
-    /// Checks that `session` is a current session, and counts the call as a sign of life.
+    /// The node that joined with `session`. A token names one node for as long as it is valid,
+    /// so a caller may be checked against this before the call it makes with the token.
+    ///
+    /// # Errors
+    /// [`Error::UnknownSession`].
+    pub fn session_owner(&self, session: &str) -> Result<NodeId, Error> {
+        let state = self.lock();
+        let holder = state.sessions.get(session).ok_or(Error::UnknownSession)?;
+        Ok(holder.node().clone())
+    }
+
+    /// Checks that `session` is a current session, training or watch-only, and counts the
+    /// call as a sign of life.
     ///
     /// # Errors
     /// [`Error::UnknownSession`].
     pub fn check_session(&self, session: &str) -> Result<NodeId, Error> {
-        self.lock().touch(session)
+        let mut state = self.lock();
+        let now = Instant::now();
+        match state.sessions.get_mut(session) {
+            Some(Holder::Observer { node, last_seen }) => {
+                *last_seen = now;
+                Ok(node.clone())
+            }
+            Some(Holder::Training(_)) => state.touch(session),
+            None => Err(Error::UnknownSession),
+        }
     }
 
     /// Time left until the open round's deadline; `None` when no round is open.
@@ -630,7 +733,11 @@ impl Coordinator {
         round.members.insert(node.clone(), Outcome::Declined);
         if leaving {
             state.nodes.remove(&node);
-            state.sessions.retain(|_, holder| *holder != node);
+            // Its watch-only sessions stay: an operator may still fetch the models it helped
+            // train.
+            state
+                .sessions
+                .retain(|_, holder| !matches!(holder, Holder::Training(n) if *n == node));
             info!(%node, "node left the federation");
         }
         drop(state);
@@ -1219,12 +1326,16 @@ impl Coordinator {
 }
 
 impl State {
+    /// The node of a training session, which is counted as seen now.
+    ///
+    /// # Errors
+    /// [`Error::UnknownSession`]; [`Error::WatchOnly`] for a watch-only session.
     fn touch(&mut self, session: &str) -> Result<NodeId, Error> {
-        let node = self
-            .sessions
-            .get(session)
-            .cloned()
-            .ok_or(Error::UnknownSession)?;
+        let node = match self.sessions.get(session) {
+            Some(Holder::Training(node)) => node.clone(),
+            Some(Holder::Observer { .. }) => return Err(Error::WatchOnly),
+            None => return Err(Error::UnknownSession),
+        };
         if let Some(entry) = self.nodes.get_mut(&node) {
             entry.last_seen = Instant::now();
         }

@@ -122,6 +122,7 @@ impl CoordinatorClient {
                 rows: data.rows(),
             }),
             software_version: env!("CARGO_PKG_VERSION").to_string(),
+            observer: false,
         };
         let response = self
             .inner
