@@ -39,7 +39,8 @@
 //!
 //! `budget`: an object `{ "node_privacy": BUDGET | null }`.
 //!
-//! `nodes list`: an array, ordered by node id, of objects
+//! `nodes list`: an array, ordered by node id, of objects (nodes that joined to train;
+//! watch-only sessions, such as `athanor-node fetch` opens, are not listed)
 //!
 //! ```text
 //! node                string
