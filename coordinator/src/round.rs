@@ -488,6 +488,10 @@ impl Coordinator {
     pub fn join_observer(&self, node: NodeId) -> Joined {
         let session = new_session_token();
         let now = Instant::now();
+        // Unused sessions are forgotten here, and each node keeps a few at most.
+        // TODO: under --insecure a peer may claim any number of node ids, so only the session
+        // timeout bounds how many watch-only sessions are held (training joins share the gap,
+        // and are never forgotten at all); a cap on sessions per peer address would close it.
         let mut state = self.lock();
         state.sessions.retain(|_, holder| match holder {
             Holder::Observer { last_seen, .. } => now.duration_since(*last_seen) < SESSION_TIMEOUT,
