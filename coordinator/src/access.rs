@@ -6,8 +6,11 @@
 //! (`urn:athanor:node:<id>`, see [`athanor_tls::identity`]), that node must be on
 //! `[server] allowed_nodes` when the list is set, and must not be on `revoked_nodes`. The node
 //! id is then put into the request as a [`VerifiedNode`], and a join that claims another id is
-//! refused ([`check_claim`]). [`OperatorGate`] guards the admin service: the certificate must
-//! name an operator, so a node's certificate cannot pause rounds or export models.
+//! refused ([`check_claim`]). Every later call names its session by a token, and the token is
+//! bound to the node that joined: a call whose certificate names another node than the
+//! session's is refused ([`Caller::check_owner`]), so a token copied from one node is useless
+//! on another node's connection. [`OperatorGate`] guards the admin service: the certificate
+//! must name an operator, so a node's certificate cannot pause rounds or export models.
 //!
 //! Refusals are `PERMISSION_DENIED` with a message that says what to change, and are logged
 //! at `warn`. Without TLS (`--insecure`) nothing is verified and no gate is installed.
@@ -16,6 +19,7 @@
 //! node whose connection is already open is refused at its next call.
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use athanor_proto::v1 as pb;
@@ -155,6 +159,59 @@ pub fn check_claim(request: &Request<pb::JoinRequest>) -> Result<(), Status> {
     ))
 }
 
+/// Who made a request, as far as its connection proves it, kept apart from the request so that
+/// a session named inside the message (or in a later message of a stream) can be checked
+/// against it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The node the connection's certificate names; `None` without a verified certificate.
+    certified: Option<String>,
+    /// The peer's address, for the log.
+    peer: Option<SocketAddr>,
+}
+
+impl Caller {
+    /// The caller of `request`.
+    pub fn of<T>(request: &Request<T>) -> Self {
+        Caller {
+            certified: request
+                .extensions()
+                .get::<VerifiedNode>()
+                .map(|VerifiedNode(id)| id.clone()),
+            peer: request.remote_addr(),
+        }
+    }
+
+    /// Refuses a call made with the session of node `owner` when this connection's
+    /// certificate names another node. Passes every call on a connection without a verified
+    /// certificate (plaintext, or in-process), where no identity is proven.
+    ///
+    /// # Errors
+    /// `PERMISSION_DENIED`, naming the caller's certified id but not the session's owner.
+    pub fn check_owner(&self, owner: &str) -> Result<(), Status> {
+        let Some(certified) = &self.certified else {
+            return Ok(());
+        };
+        if certified == owner {
+            return Ok(());
+        }
+        let peer = self
+            .peer
+            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        warn!(
+            %peer,
+            certified = %certified,
+            session_node = %owner,
+            "request refused: a session used on another node's certificate"
+        );
+        Err(Status::permission_denied(format!(
+            "this session was opened by another node than {certified}, the node this \
+             connection's certificate names: a session is only valid on the certificate that \
+             joined with it; join again"
+        )))
+    }
+}
+
 /// The identity of the certificate the request's connection was verified with.
 fn identity<T>(request: &Request<T>) -> Result<Identity, Status> {
     let Some(certificates) = request.peer_certs() else {
@@ -215,6 +272,27 @@ mod tests {
     fn a_join_claiming_its_certified_id_or_on_a_trusted_connection_passes() {
         assert!(check_claim(&join("clinic-a", Some("clinic-a"))).is_ok());
         assert!(check_claim(&join("anyone", None)).is_ok());
+    }
+
+    #[test]
+    fn a_session_is_refused_on_another_nodes_certificate_only() {
+        let caller = |certified: Option<&str>| Caller::of(&join("anyone", certified));
+        let status = caller(Some("clinic-b"))
+            .check_owner("clinic-a")
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert!(
+            status.message().contains("than clinic-b"),
+            "{}",
+            status.message()
+        );
+        assert!(
+            !status.message().contains("clinic-a"),
+            "{}",
+            status.message()
+        );
+        assert!(caller(Some("clinic-a")).check_owner("clinic-a").is_ok());
+        assert!(caller(None).check_owner("clinic-a").is_ok());
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! federation        string
 //! stage             string: "waiting_for_nodes" | "training" | "paused" | "finished"
 //! round             u64 | null        the round in progress
-//! paused            bool              true from `rounds pause` to `rounds resume`
+//! paused            bool              true from `rounds pause` to `rounds resume`, across restarts
 //! connected_nodes   u64
 //! latest_version    u64 | null
 //! rounds_completed  u64               rounds that published a version
@@ -39,7 +39,8 @@
 //!
 //! `budget`: an object `{ "node_privacy": BUDGET | null }`.
 //!
-//! `nodes list`: an array, ordered by node id, of objects
+//! `nodes list`: an array, ordered by node id, of objects (nodes that joined to train;
+//! watch-only sessions, such as `athanor-node fetch` opens, are not listed)
 //!
 //! ```text
 //! node                string
@@ -70,8 +71,9 @@
 //! ```
 //!
 //! `rounds pause`: `{ "paused": true, "was_paused": bool, "open_round": u64 | null }`, where
-//! `open_round` is the round that still runs to its end. `rounds resume`:
-//! `{ "paused": false, "was_paused": bool }`.
+//! `open_round` is the round that still runs to its end. The pause is recorded in the store
+//! directory (the file `paused`) before the command returns, so a restarted coordinator stays
+//! paused. `rounds resume`: `{ "paused": false, "was_paused": bool }`.
 //!
 //! All remote commands reach the coordinator through [`admin_channel`], the one place where the
 //! connection is set up.
@@ -311,7 +313,9 @@ pub async fn status(address: &str, json: bool) -> Result<()> {
     let paused = match (report.paused, report.round) {
         (false, _) => "no".to_string(),
         (true, Some(round)) => format!("yes; round {round} runs to its end, no new round opens"),
-        (true, None) => "yes; no round opens until `rounds resume`".to_string(),
+        (true, None) => {
+            "yes; no round opens until `rounds resume` (kept across restarts)".to_string()
+        }
     };
     say!(out, "paused        {paused}");
     say!(out, "nodes         {} connected", report.connected_nodes);

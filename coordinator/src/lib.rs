@@ -5,6 +5,7 @@
 //! - [`round`]: the round state machine shared by the gRPC services and the round driver;
 //! - [`strategy`]: aggregation (FedAvg);
 //! - [`store`]: the on-disk model store;
+//! - [`pause`]: the operator's pause, kept in the store directory across restarts;
 //! - [`export`]: a version's weights as a safetensors or `.npy` file for other tools;
 //! - [`service`]: the node-facing and admin gRPC services over [`round::Coordinator`];
 //! - [`tls`]: the listener's mutual TLS (or `--insecure` plaintext);
@@ -19,6 +20,7 @@ pub mod certs;
 pub mod config;
 pub mod export;
 pub mod node_privacy;
+pub mod pause;
 pub mod round;
 pub mod secure;
 pub mod server;
@@ -59,6 +61,13 @@ pub enum Error {
     /// newer join of the same node).
     #[error("unknown session; join again")]
     UnknownSession,
+    /// A watch-only session asked for something only a training session may do (a task, an
+    /// update, a decline).
+    #[error(
+        "this session is watch-only (joined as an observer): it may fetch models, and takes no \
+         part in rounds"
+    )]
+    WatchOnly,
     /// A node speaks another protocol version.
     #[error("protocol version {got} is not supported; this coordinator speaks {expected}")]
     ProtocolVersion {

@@ -18,8 +18,14 @@
 //!
 //! An operator may pause the federation ([`Coordinator::pause_rounds`]): the round already
 //! open runs to its end, but the driver opens no new one until
-//! [`Coordinator::resume_rounds`]. Pausing lives in memory only; a restarted coordinator runs
-//! rounds again.
+//! [`Coordinator::resume_rounds`]. The pause is recorded in the store directory
+//! ([`crate::pause`]) before it is acknowledged, so a restarted coordinator comes up paused.
+//!
+//! Besides training sessions, a node may hold watch-only ones ([`Coordinator::join_observer`]),
+//! which an operator's `athanor-node fetch` opens with the node's own certificate: they may
+//! fetch models, but never count towards `min_nodes`, are never drawn into a cohort, are not
+//! listed among the nodes, and neither replace nor are replaced by the node's training session,
+//! so fetching a model next to a running node does not knock it out of its round.
 //!
 //! State lives behind one `std::sync::Mutex` that is never held across an `.await`; waiters
 //! learn about changes through a `watch` channel whose counter is bumped on every change, so
@@ -41,6 +47,7 @@ use crate::Error;
 use crate::config::AggregationMode;
 use crate::config::CoordinatorConfig;
 use crate::node_privacy::{NodeLevelDp, Spending};
+use crate::pause::PauseFlag;
 use crate::secure::{NodeMessage, Outgoing, SecureRound, SecureSum, SecureTask};
 use crate::store::{
     DatasetFingerprint, Epsilon, ExamplePrivacy, Manifest, ManifestDraft, ModelStore, NodePrivacy,
@@ -51,8 +58,14 @@ use crate::strategy::{self, Contribution, ServerOptimizer};
 /// How long a long poll waits before answering "idle".
 const POLL_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A node not heard from for this long no longer counts as connected.
+/// A node not heard from for this long no longer counts as connected, and a watch-only
+/// session unused for this long is forgotten.
 const SESSION_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Watch-only sessions one node id may hold at once; joining past it forgets the one least
+/// recently used. Enough for a few operators fetching at once, and a bound on what repeated
+/// joins can make the coordinator remember.
+const MAX_OBSERVERS_PER_NODE: usize = 8;
 
 /// A node's identity within the federation.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -154,7 +167,8 @@ pub struct Status {
     pub rounds_completed: u64,
     /// Rounds abandoned.
     pub rounds_abandoned: u64,
-    /// Whether the operator paused rounds (an open round still runs to its end).
+    /// Whether the operator paused rounds (an open round still runs to its end). Read from the
+    /// store directory at start, so a pause outlives restarts.
     pub paused: bool,
     /// Rounds to publish before the federation finishes.
     pub rounds_total: u64,
@@ -215,12 +229,18 @@ struct Shared {
     /// Node-level DP of the published models, when configured. Only the task that drives
     /// rounds takes this lock.
     node_dp: Option<Mutex<NodeLevelDp>>,
+    /// Where the pause is recorded.
+    pause_flag: PauseFlag,
+    /// Held while the pause is changed, so the file and [`State::paused`] change together.
+    pausing: Mutex<()>,
 }
 
 #[derive(Debug)]
 struct State {
+    /// Nodes with a training session, by id.
     nodes: HashMap<NodeId, NodeEntry>,
-    sessions: HashMap<String, NodeId>,
+    /// Every valid session token, training and watch-only.
+    sessions: HashMap<String, Holder>,
     round: Option<OpenRound>,
     global: Arc<GlobalModel>,
     next_round: u64,
@@ -228,12 +248,35 @@ struct State {
     rounds_abandoned: u64,
     finished: Option<String>,
     optimizer: ServerOptimizer,
-    /// Set by the operator: open no new round.
+    /// Set by the operator: open no new round. Mirrors the pause file, which is written
+    /// first.
     paused: bool,
     /// Published versions each node contributed to (see [`NodeSummary::rounds_contributed`]).
     contributions: HashMap<NodeId, u64>,
     /// Node-level spending as of the latest version, when accounted.
     node_spending: Option<Spending>,
+}
+
+/// Who holds a session token.
+#[derive(Debug, Clone)]
+enum Holder {
+    /// The node's training session; its [`NodeEntry`] keeps the rest.
+    Training(NodeId),
+    /// A watch-only session of the node.
+    Observer {
+        /// The node whose certificate (or claimed id) opened it.
+        node: NodeId,
+        /// When it was last used; it is forgotten [`SESSION_TIMEOUT`] later.
+        last_seen: Instant,
+    },
+}
+
+impl Holder {
+    fn node(&self) -> &NodeId {
+        match self {
+            Holder::Training(node) | Holder::Observer { node, .. } => node,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -366,6 +409,15 @@ impl Coordinator {
             round = manifest.round,
             "resuming from latest version"
         );
+        let optimizer = resume_optimizer(&config, &store, &manifest);
+        let pause_flag = PauseFlag::in_store(&config.store.dir);
+        let paused = pause_flag.is_set()?;
+        if paused {
+            info!(
+                flag = %pause_flag.path().display(),
+                "starting paused, as the operator left it: no round opens until `rounds resume`"
+            );
+        }
 
         let state = State {
             nodes: HashMap::new(),
@@ -376,13 +428,8 @@ impl Coordinator {
             rounds_completed,
             rounds_abandoned: 0,
             finished: None,
-            // TODO: the server momentum is not persisted, so a restarted coordinator resumes
-            // FedAvgM with zero velocity; storing it next to the weights would fix that.
-            optimizer: ServerOptimizer::new(
-                config.strategy.server_learning_rate,
-                config.strategy.server_momentum,
-            ),
-            paused: false,
+            optimizer,
+            paused,
             contributions,
             node_spending,
         };
@@ -399,6 +446,8 @@ impl Coordinator {
                 changed,
                 published,
                 node_dp,
+                pause_flag,
+                pausing: Mutex::new(()),
             }),
         })
     }
@@ -443,7 +492,9 @@ impl Coordinator {
             state.sessions.remove(&old_session);
             debug!(%node, "node joined again; earlier session replaced");
         }
-        state.sessions.insert(session.clone(), node.clone());
+        state
+            .sessions
+            .insert(session.clone(), Holder::Training(node.clone()));
         let now = Instant::now();
         state.nodes.insert(
             node.clone(),
@@ -459,6 +510,54 @@ impl Coordinator {
 
         info!(%node, "node joined");
         self.notify();
+        Joined {
+            session,
+            spec: self.shared.spec,
+            latest_version,
+        }
+    }
+
+    /// Opens a watch-only session for `node`: it may fetch models, and takes no part in rounds
+    /// (see the [module documentation](self)). The node's training session, if it has one, is
+    /// left as it is.
+    pub fn join_observer(&self, node: NodeId) -> Joined {
+        let session = new_session_token();
+        let now = Instant::now();
+        // Unused sessions are forgotten here, and each node keeps a few at most.
+        // TODO: under --insecure a peer may claim any number of node ids, so only the session
+        // timeout bounds how many watch-only sessions are held (training joins share the gap,
+        // and are never forgotten at all); a cap on sessions per peer address would close it.
+        let mut state = self.lock();
+        state.sessions.retain(|_, holder| match holder {
+            Holder::Observer { last_seen, .. } => now.duration_since(*last_seen) < SESSION_TIMEOUT,
+            Holder::Training(_) => true,
+        });
+        let mut held: Vec<(Instant, String)> = state
+            .sessions
+            .iter()
+            .filter_map(|(token, holder)| match holder {
+                Holder::Observer { node: n, last_seen } if *n == node => {
+                    Some((*last_seen, token.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        held.sort();
+        let excess = (held.len() + 1).saturating_sub(MAX_OBSERVERS_PER_NODE);
+        for (_, token) in held.into_iter().take(excess) {
+            state.sessions.remove(&token);
+        }
+        state.sessions.insert(
+            session.clone(),
+            Holder::Observer {
+                node: node.clone(),
+                last_seen: now,
+            },
+        );
+        let latest_version = state.global.manifest.version;
+        drop(state);
+
+        info!(%node, "observer joined (watch only)");
         Joined {
             session,
             spec: self.shared.spec,
@@ -520,12 +619,33 @@ impl Coordinator {
         })))
     }
 
-    /// Checks that `session` is a current session, and counts the call as a sign of life.
+    /// The node that joined with `session`. A token names one node for as long as it is valid,
+    /// so a caller may be checked against this before the call it makes with the token.
+    ///
+    /// # Errors
+    /// [`Error::UnknownSession`].
+    pub fn session_owner(&self, session: &str) -> Result<NodeId, Error> {
+        let state = self.lock();
+        let holder = state.sessions.get(session).ok_or(Error::UnknownSession)?;
+        Ok(holder.node().clone())
+    }
+
+    /// Checks that `session` is a current session, training or watch-only, and counts the
+    /// call as a sign of life.
     ///
     /// # Errors
     /// [`Error::UnknownSession`].
     pub fn check_session(&self, session: &str) -> Result<NodeId, Error> {
-        self.lock().touch(session)
+        let mut state = self.lock();
+        let now = Instant::now();
+        match state.sessions.get_mut(session) {
+            Some(Holder::Observer { node, last_seen }) => {
+                *last_seen = now;
+                Ok(node.clone())
+            }
+            Some(Holder::Training(_)) => state.touch(session),
+            None => Err(Error::UnknownSession),
+        }
     }
 
     /// Time left until the open round's deadline; `None` when no round is open.
@@ -793,7 +913,11 @@ impl Coordinator {
         }
         if leaving {
             state.nodes.remove(&node);
-            state.sessions.retain(|_, holder| *holder != node);
+            // Its watch-only sessions stay: an operator may still fetch the models it helped
+            // train.
+            state
+                .sessions
+                .retain(|_, holder| !matches!(holder, Holder::Training(n) if *n == node));
             info!(%node, "node left the federation");
         }
         drop(state);
@@ -867,8 +991,16 @@ impl Coordinator {
         nodes
     }
 
-    /// Stops the driver from opening new rounds; the open round, if any, runs to its end.
-    pub fn pause_rounds(&self) -> Paused {
+    /// Stops the driver from opening new rounds; the open round, if any, runs to its end. The
+    /// pause is on disk when this returns, so it outlives a restart. Touches the disk: call it
+    /// from `spawn_blocking`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the pause cannot be recorded; rounds are then not paused.
+    pub fn pause_rounds(&self) -> Result<Paused, Error> {
+        let _pausing = lock(&self.shared.pausing);
+        // Written even when already paused, in case the file was deleted by hand.
+        self.shared.pause_flag.set()?;
         let mut state = self.lock();
         let paused = Paused {
             was_paused: state.paused,
@@ -880,17 +1012,23 @@ impl Coordinator {
             info!(open_round = ?paused.open_round, "rounds paused by the operator");
         }
         self.notify();
-        paused
+        Ok(paused)
     }
 
-    /// Lets the driver open rounds again. Returns whether rounds were paused.
-    pub fn resume_rounds(&self) -> bool {
+    /// Lets the driver open rounds again, and removes the pause from disk. Returns whether
+    /// rounds were paused. Touches the disk: call it from `spawn_blocking`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the pause file cannot be deleted; rounds then stay paused.
+    pub fn resume_rounds(&self) -> Result<bool, Error> {
+        let _pausing = lock(&self.shared.pausing);
+        self.shared.pause_flag.clear()?;
         let was_paused = std::mem::replace(&mut self.lock().paused, false);
         if was_paused {
             info!("rounds resumed by the operator");
         }
         self.notify();
-        was_paused
+        Ok(was_paused)
     }
 
     /// Runs rounds until the configured number has been published, too many in a row were
@@ -1242,10 +1380,15 @@ impl Coordinator {
         let mut draft = self.draft(round.id, &global.manifest, &reports);
         draft.node_privacy = node_privacy.clone();
         let store = self.store();
-        let published =
-            tokio::task::spawn_blocking(move || store.publish(draft, &params).map(|m| (m, params)))
-                .await
-                .map_err(|e| Error::InvalidRequest(format!("publishing task failed: {e}")))?;
+        // Without momentum there is no velocity to keep.
+        let velocity = Some(optimizer.velocity().to_vec()).filter(|v| !v.is_empty());
+        let published = tokio::task::spawn_blocking(move || {
+            store
+                .publish_with_optimizer(draft, &params, velocity.as_deref())
+                .map(|m| (m, params))
+        })
+        .await
+        .map_err(|e| Error::InvalidRequest(format!("publishing task failed: {e}")))?;
         let (manifest, params) = match published {
             Ok(published) => published,
             // A draft the store refuses comes from what nodes sent, not from the disk: lose
@@ -1505,12 +1648,16 @@ impl Coordinator {
 }
 
 impl State {
+    /// The node of a training session, which is counted as seen now.
+    ///
+    /// # Errors
+    /// [`Error::UnknownSession`]; [`Error::WatchOnly`] for a watch-only session.
     fn touch(&mut self, session: &str) -> Result<NodeId, Error> {
-        let node = self
-            .sessions
-            .get(session)
-            .cloned()
-            .ok_or(Error::UnknownSession)?;
+        let node = match self.sessions.get(session) {
+            Some(Holder::Training(node)) => node.clone(),
+            Some(Holder::Observer { .. }) => return Err(Error::WatchOnly),
+            None => return Err(Error::UnknownSession),
+        };
         if let Some(entry) = self.nodes.get_mut(&node) {
             entry.last_seen = Instant::now();
         }
@@ -1536,6 +1683,51 @@ impl State {
 
     fn connected(&self) -> usize {
         self.connected_nodes().len()
+    }
+}
+
+/// The server optimizer, with the velocity stored with `latest` when there is momentum to
+/// resume. A velocity that is missing or damaged costs only the optimizer's memory: FedAvgM
+/// then starts again from zero velocity, which slows it for a few rounds but loses no model.
+fn resume_optimizer(
+    config: &CoordinatorConfig,
+    store: &ModelStore,
+    latest: &Manifest,
+) -> ServerOptimizer {
+    let (learning_rate, momentum) = (
+        config.strategy.server_learning_rate,
+        config.strategy.server_momentum,
+    );
+    let fresh = ServerOptimizer::new(learning_rate, momentum);
+    if momentum == 0.0 {
+        return fresh;
+    }
+
+    let version = latest.version;
+    match store.optimizer_velocity(version) {
+        Ok(Some(velocity)) => {
+            info!(version, "server momentum resumed from the store");
+            ServerOptimizer::resume(learning_rate, momentum, velocity)
+        }
+        // The initial model has no velocity to resume.
+        Ok(None) if latest.round == 0 => fresh,
+        Ok(None) => {
+            info!(
+                version,
+                "version {version} holds no server velocity (published without momentum or by \
+                 an older coordinator): server momentum starts from zero"
+            );
+            fresh
+        }
+        Err(error) => {
+            warn!(
+                version,
+                error = %crate::store::error_chain(&error),
+                "the server velocity stored with version {version} is unusable: server momentum \
+                 starts from zero; the version itself is intact"
+            );
+            fresh
+        }
     }
 }
 

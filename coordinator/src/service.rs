@@ -12,8 +12,12 @@
 //! update is refused with
 //!
 //! - `UNAUTHENTICATED` when its session is unknown (never joined, or replaced by a newer join);
+//! - `PERMISSION_DENIED` under mutual TLS when its session was opened by another node than the
+//!   one its connection's certificate names (the same holds for every call that names a
+//!   session);
 //! - `FAILED_PRECONDITION` when it is for another round or model version, comes from a node
-//!   outside the cohort or one that already answered, or streams past the round's deadline;
+//!   outside the cohort or one that already answered, streams past the round's deadline, or
+//!   comes from a watch-only session (which may only fetch models);
 //! - `INVALID_ARGUMENT` when the stream is empty, does not start with a header, holds a second
 //!   header or an empty chunk, announces a length other than the model's, carries more or
 //!   fewer bytes than it announced, or holds a NaN or infinite value;
@@ -42,6 +46,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, error, info, warn};
 
 use crate::Error;
+use crate::access::Caller;
 use crate::node_privacy::Spending;
 use crate::round::{Coordinator, NodeId, Poll, UpdateHeader};
 use crate::secure::{NodeMessage, Outgoing, SecureTask};
@@ -69,6 +74,19 @@ impl FederationService {
     }
 }
 
+impl FederationService {
+    /// Refuses a call whose connection's certificate names another node than the one that
+    /// joined with `session` (see [`crate::access`]). Checked before the call does anything,
+    /// which is sound because a token names the same node for as long as it is valid.
+    fn check_caller(&self, caller: &Caller, session: &str) -> Result<(), Status> {
+        let owner = self
+            .coordinator
+            .session_owner(session)
+            .map_err(|e| refuse(session, e))?;
+        caller.check_owner(&owner.0)
+    }
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
@@ -87,13 +105,16 @@ impl Federation for FederationService {
             }));
         }
         let node = node_id(&request.node_id).map_err(refuse_join)?;
-        let fingerprint = request.dataset.map(|d| DatasetFingerprint {
-            node: node.0.clone(),
-            sha256: d.sha256,
-            rows: d.rows,
-        });
-
-        let joined = self.coordinator.join(node, fingerprint);
+        let joined = if request.observer {
+            self.coordinator.join_observer(node)
+        } else {
+            let fingerprint = request.dataset.map(|d| DatasetFingerprint {
+                node: node.0.clone(),
+                sha256: d.sha256,
+                rows: d.rows,
+            });
+            self.coordinator.join(node, fingerprint)
+        };
         Ok(Response::new(pb::JoinResponse {
             session: joined.session,
             federation: self.coordinator.federation().to_string(),
@@ -107,7 +128,9 @@ impl Federation for FederationService {
         &self,
         request: Request<pb::WaitForTaskRequest>,
     ) -> Result<Response<pb::WaitForTaskResponse>, Status> {
+        let caller = Caller::of(&request);
         let session = request.into_inner().session;
+        self.check_caller(&caller, &session)?;
         let outcome = match self.coordinator.wait_for_task(&session).await {
             Ok(Poll::Task(task)) => pb::wait_for_task_response::Outcome::Task(pb::Task {
                 round: task.round,
@@ -140,21 +163,31 @@ impl Federation for FederationService {
         &self,
         request: Request<pb::FetchModelRequest>,
     ) -> Result<Response<Self::FetchModelStream>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
+        self.check_caller(&caller, &request.session)?;
         self.coordinator
             .check_session(&request.session)
             .map_err(|e| refuse(&request.session, e))?;
         let global = self.coordinator.global();
-        let (version, params) = match request.version {
-            None => (global.manifest.version, global.params.clone()),
-            Some(v) if v == global.manifest.version => (v, global.params.clone()),
+        let (version, weights_sha256, params) = match request.version {
+            None => (
+                global.manifest.version,
+                global.manifest.weights_sha256.clone(),
+                global.params.clone(),
+            ),
+            Some(v) if v == global.manifest.version => (
+                v,
+                global.manifest.weights_sha256.clone(),
+                global.params.clone(),
+            ),
             Some(v) => {
                 let store = self.coordinator.store();
                 let loaded = tokio::task::spawn_blocking(move || store.load(v))
                     .await
                     .map_err(|_| Status::internal("loading the model failed"))?;
                 match loaded {
-                    Ok((_, params)) => (v, params),
+                    Ok((manifest, params)) => (v, manifest.weights_sha256, params),
                     Err(e) => return Err(refuse(&request.session, store_error(v, e))),
                 }
             }
@@ -167,6 +200,7 @@ impl Federation for FederationService {
             model: Some(spec_to_wire(&self.coordinator.spec())),
             num_params: params.len() as u64,
             params_sha256: hex::encode(Sha256::digest(&bytes)),
+            weights_sha256,
         };
         let mut chunks = vec![Ok(pb::ModelChunk {
             part: Some(pb::model_chunk::Part::Header(header)),
@@ -183,6 +217,7 @@ impl Federation for FederationService {
         &self,
         request: Request<Streaming<pb::UpdateChunk>>,
     ) -> Result<Response<pb::SubmitUpdateResponse>, Status> {
+        let caller = Caller::of(&request);
         let mut stream = request.into_inner();
         let header = match stream.message().await.map_err(|s| refuse_stream("", s))? {
             Some(pb::UpdateChunk {
@@ -200,6 +235,7 @@ impl Federation for FederationService {
             }
         };
         let session = header.session.clone();
+        self.check_caller(&caller, &session)?;
         let header = update_header(header).map_err(|e| refuse(&session, e))?;
         let node = self
             .coordinator
@@ -244,7 +280,9 @@ impl Federation for FederationService {
         &self,
         request: Request<pb::DeclineTaskRequest>,
     ) -> Result<Response<pb::DeclineTaskResponse>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
+        self.check_caller(&caller, &request.session)?;
         let reason: String = request.reason.chars().take(500).collect();
         self.coordinator
             .decline(&request.session, request.round, reason, request.leaving)
@@ -256,7 +294,9 @@ impl Federation for FederationService {
         &self,
         request: Request<pb::SecAggSendRequest>,
     ) -> Result<Response<pb::SecAggSendResponse>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
+        self.check_caller(&caller, &request.session)?;
         let message = match request.message {
             Some(pb::sec_agg_send_request::Message::AdvertiseKeys(m)) => {
                 NodeMessage::AdvertiseKeys(m.into())
@@ -284,7 +324,9 @@ impl Federation for FederationService {
         request: Request<pb::SecAggReceiveRequest>,
     ) -> Result<Response<pb::SecAggReceiveResponse>, Status> {
         use pb::sec_agg_receive_response::Outcome as Wire;
+        let caller = Caller::of(&request);
         let request = request.into_inner();
+        self.check_caller(&caller, &request.session)?;
         let outgoing = self
             .coordinator
             .secure_receive(&request.session, request.round, request.stage)
@@ -451,7 +493,7 @@ fn store_error(version: u64, error: StoreError) -> Error {
 pub fn status_of(error: Error) -> Status {
     match error {
         Error::UnknownSession => Status::unauthenticated(error.to_string()),
-        Error::ProtocolVersion { .. } | Error::WrongRound(_) => {
+        Error::ProtocolVersion { .. } | Error::WrongRound(_) | Error::WatchOnly => {
             Status::failed_precondition(error.to_string())
         }
         Error::InvalidRequest(_) => Status::invalid_argument(error.to_string()),
@@ -737,7 +779,17 @@ impl Admin for AdminService {
         &self,
         _request: Request<pb::PauseRoundsRequest>,
     ) -> Result<Response<pb::PauseRoundsResponse>, Status> {
-        let paused = self.coordinator.pause_rounds();
+        let coordinator = self.coordinator.clone();
+        let paused = tokio::task::spawn_blocking(move || coordinator.pause_rounds())
+            .await
+            .map_err(|_| Status::internal("pausing failed"))?
+            .map_err(|e| {
+                error!(error = %e, "cannot record the pause");
+                Status::internal(
+                    "the pause could not be recorded in the store directory, so rounds are not \
+                     paused; the coordinator's log says why",
+                )
+            })?;
         Ok(Response::new(pb::PauseRoundsResponse {
             was_paused: paused.was_paused,
             open_round: paused.open_round,
@@ -748,7 +800,17 @@ impl Admin for AdminService {
         &self,
         _request: Request<pb::ResumeRoundsRequest>,
     ) -> Result<Response<pb::ResumeRoundsResponse>, Status> {
-        let was_paused = self.coordinator.resume_rounds();
+        let coordinator = self.coordinator.clone();
+        let was_paused = tokio::task::spawn_blocking(move || coordinator.resume_rounds())
+            .await
+            .map_err(|_| Status::internal("resuming failed"))?
+            .map_err(|e| {
+                error!(error = %e, "cannot remove the pause");
+                Status::internal(
+                    "the pause could not be removed from the store directory, so rounds stay \
+                     paused; the coordinator's log says why",
+                )
+            })?;
         Ok(Response::new(pb::ResumeRoundsResponse { was_paused }))
     }
 }

@@ -55,7 +55,9 @@ pub fn fedavg(global: &[f32], contributions: &[Contribution]) -> Result<Vec<f32>
 }
 
 /// The server's optimizer state: learning rate, momentum and the velocity carried between
-/// rounds.
+/// rounds. The velocity is stored with each published version (see
+/// [`crate::store::ModelStore::publish_with_optimizer`]) so that a restarted coordinator
+/// continues where it stopped.
 #[derive(Debug, Clone)]
 pub struct ServerOptimizer {
     learning_rate: f64,
@@ -71,6 +73,23 @@ impl ServerOptimizer {
             momentum,
             velocity: Vec::new(),
         }
+    }
+
+    /// An optimizer that continues with `velocity`, the velocity stored with the version it
+    /// resumes from. A velocity that does not fit the model is dropped at the next
+    /// [`ServerOptimizer::apply`], which then starts afresh.
+    pub fn resume(learning_rate: f64, momentum: f64, velocity: Vec<f64>) -> Self {
+        ServerOptimizer {
+            learning_rate,
+            momentum,
+            velocity,
+        }
+    }
+
+    /// The velocity to carry into the next round: empty without momentum or before the first
+    /// round.
+    pub fn velocity(&self) -> &[f64] {
+        &self.velocity
     }
 
     /// The next global model from the current one and the round's mean update. The velocity
@@ -192,6 +211,23 @@ mod tests {
         let twice = optimizer.apply(&once, &[1.0]).unwrap();
         // v1 = 1, w1 = 1; v2 = 0.5 * 1 + 1 = 1.5, w2 = 2.5.
         assert_eq!((once[0], twice[0]), (1.0, 2.5));
+    }
+
+    #[test]
+    fn a_resumed_optimizer_continues_exactly_where_the_first_stopped() {
+        let mut straight = ServerOptimizer::new(0.7, 0.9);
+        let w1 = straight.apply(&[0.0, 1.0], &[0.25, -0.5]).unwrap();
+        let mut resumed = ServerOptimizer::resume(0.7, 0.9, straight.velocity().to_vec());
+        let w2 = straight.apply(&w1, &[0.125, 0.75]).unwrap();
+        assert_eq!(resumed.apply(&w1, &[0.125, 0.75]).unwrap(), w2);
+        assert_eq!(resumed.velocity(), straight.velocity());
+        // Starting afresh instead forgets the first round's velocity.
+        assert_ne!(
+            ServerOptimizer::new(0.7, 0.9)
+                .apply(&w1, &[0.125, 0.75])
+                .unwrap(),
+            w2
+        );
     }
 
     #[test]

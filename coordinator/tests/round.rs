@@ -428,3 +428,145 @@ async fn a_node_that_declines_for_good_is_never_asked_again() {
     let (coordinator, _store) = federation.finish().await;
     assert_eq!(coordinator.status().rounds_completed, 1);
 }
+
+/// Opens a coordinator configured by [`CONFIG`] on the store in `dir`, as a restarted process
+/// would.
+fn reopen(dir: &Path, adjust: impl FnOnce(&mut CoordinatorConfig)) -> Coordinator {
+    let mut config = CoordinatorConfig::parse(CONFIG, Path::new("round-tests.toml"))
+        .expect("test config is valid");
+    config.store.dir = dir.to_path_buf();
+    adjust(&mut config);
+    config.check().expect("adjusted test config is valid");
+    Coordinator::open(config).expect("coordinator opens its store")
+}
+
+#[tokio::test]
+async fn a_pause_outlives_a_restart_and_so_does_resuming() {
+    let store_dir = TempDir::new().expect("temporary directory");
+    let more_rounds = |config: &mut CoordinatorConfig| config.rounds.total = 5;
+
+    let first = reopen(store_dir.path(), more_rounds);
+    assert!(!first.status().paused);
+    let paused = first.pause_rounds().expect("pause recorded");
+    assert!(!paused.was_paused);
+    assert!(store_dir.path().join("paused").is_file());
+    drop(first);
+
+    // The restarted coordinator is paused before anyone says so again, and opens no round
+    // although enough nodes are connected.
+    let second = reopen(store_dir.path(), more_rounds);
+    let status = second.status();
+    assert!(status.paused, "{status:?}");
+    assert_eq!(status.stage, "paused");
+    let driving = second.clone();
+    let driver = tokio::spawn(async move { driving.drive(std::future::pending()).await });
+    let sessions: Vec<String> = (0..2)
+        .map(|i| second.join(NodeId(format!("node-{i}")), None).session)
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(second.status().round, None, "a round opened while paused");
+
+    assert!(second.resume_rounds().expect("resume recorded"));
+    assert!(!store_dir.path().join("paused").exists());
+    let poll = within(second.wait_for_task(&sessions[0]), "a task").await;
+    assert!(matches!(poll, Ok(Poll::Task(_))), "{poll:?}");
+    driver.abort();
+    drop(second);
+
+    let third = reopen(store_dir.path(), more_rounds);
+    assert!(!third.status().paused);
+}
+
+/// FedAvgM on a seeded MLP with three nodes, stopping after `total` published versions.
+fn fedavgm(total: u64) -> impl FnOnce(&mut CoordinatorConfig) {
+    move |config| {
+        config.model.architecture = ArchitectureName::Mlp;
+        config.model.hidden = Some(4);
+        config.rounds.total = total;
+        config.rounds.min_nodes = 3;
+        config.strategy.server_learning_rate = 0.7;
+        config.strategy.server_momentum = 0.9;
+    }
+}
+
+/// Runs one coordinator process's life on the store in `dir`: FedAvgM rounds until `total`
+/// versions are published, with three nodes whose updates depend only on the node and the
+/// round, so two histories of the same rounds see the same updates.
+async fn run_fedavgm(dir: &Path, total: u64) {
+    let coordinator = reopen(dir, fedavgm(total));
+    let driving = coordinator.clone();
+    let driver = tokio::spawn(async move { driving.drive(std::future::pending()).await });
+    let sessions: Vec<String> = (0..3)
+        .map(|i| coordinator.join(NodeId(format!("node-{i}")), None).session)
+        .collect();
+    let num_params = coordinator.spec().num_params();
+
+    'rounds: loop {
+        for (node, session) in sessions.iter().enumerate() {
+            let task = match within(coordinator.wait_for_task(session), "an answer").await {
+                Ok(Poll::Task(task)) => task,
+                Ok(Poll::Finished(_)) => break 'rounds,
+                other => panic!("expected a task, got {other:?}"),
+            };
+            let delta: Vec<f32> = (0..num_params)
+                .map(|i| ((i as f32 + 1.0) * (node as f32 + 0.3) * task.round as f32).sin() * 0.01)
+                .collect();
+            let header = UpdateHeader {
+                num_params,
+                ..header(&task, 7 + 13 * node as u64)
+            };
+            coordinator
+                .submit_update(session, header, delta)
+                .expect("update accepted");
+        }
+    }
+    within(driver, "the driver to return")
+        .await
+        .expect("driver task did not panic")
+        .expect("driver succeeded");
+}
+
+fn version_file(dir: &Path, version: u64, name: &str) -> Vec<u8> {
+    std::fs::read(dir.join(format!("versions/{version:06}/{name}"))).expect("version file")
+}
+
+#[tokio::test]
+async fn server_momentum_survives_a_restart_and_a_damaged_velocity_only_resets_it() {
+    // Four rounds in one process, and the same four rounds with a restart after the second.
+    let straight = TempDir::new().expect("temporary directory");
+    run_fedavgm(straight.path(), 4).await;
+    let restarted = TempDir::new().expect("temporary directory");
+    run_fedavgm(restarted.path(), 2).await;
+    run_fedavgm(restarted.path(), 4).await;
+
+    for version in 3..=4 {
+        assert!(
+            version_file(straight.path(), version, "weights.safetensors")
+                == version_file(restarted.path(), version, "weights.safetensors"),
+            "version {version}: a restart changed the weights"
+        );
+    }
+    assert!(
+        version_file(straight.path(), 4, "optimizer.safetensors")
+            == version_file(restarted.path(), 4, "optimizer.safetensors")
+    );
+
+    // A restart over a damaged velocity opens the store with every version valid, and goes on
+    // from zero velocity, which gives other weights.
+    let damaged = TempDir::new().expect("temporary directory");
+    run_fedavgm(damaged.path(), 2).await;
+    let velocity = damaged.path().join("versions/000002/optimizer.safetensors");
+    let mut bytes = std::fs::read(&velocity).expect("velocity file");
+    bytes.truncate(bytes.len() / 2);
+    std::fs::write(&velocity, bytes).expect("damage the velocity");
+    run_fedavgm(damaged.path(), 4).await;
+
+    let store = ModelStore::open_read_only(damaged.path()).expect("the store opens");
+    assert!(store.damaged().is_empty(), "{:?}", store.damaged());
+    assert_eq!(store.latest().map(|m| m.version), Some(4));
+    assert!(
+        version_file(straight.path(), 3, "weights.safetensors")
+            != version_file(damaged.path(), 3, "weights.safetensors"),
+        "the damaged velocity was used"
+    );
+}

@@ -10,8 +10,8 @@ use athanor_proto::v1::federation_client::FederationClient;
 use athanor_proto::v1::{self as pb};
 use athanor_proto::{CHUNK_BYTES, PROTOCOL_VERSION};
 use support::{
-    NUM_PARAMS, Served, bytes_chunk, data_chunk, header, header_chunk, join, logged, submit,
-    submit_honest, task, within,
+    NUM_PARAMS, Served, bytes_chunk, data_chunk, header, header_chunk, join, join_observer, logged,
+    submit, submit_honest, task, within,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -310,6 +310,7 @@ async fn joins_with_a_bad_identity_or_protocol_are_refused() {
         node_id: node.to_string(),
         dataset: None,
         software_version: String::new(),
+        observer: false,
     };
 
     for bad_id in ["", "has space", "slash/ed", &"x".repeat(129)] {
@@ -471,5 +472,131 @@ async fn absurd_example_counts_and_losses_do_not_stop_the_federation() {
     // And round 2 opens as usual.
     let next = task(&mut a, &a_session).await;
     assert_eq!((next.round, next.model_version), (2, 1));
+    served.stop().await;
+}
+
+/// The header of a model fetched with `session`, after reading the whole stream.
+async fn fetched_header(
+    client: &mut FederationClient<Channel>,
+    session: &str,
+    version: Option<u64>,
+) -> Result<pb::ModelHeader, tonic::Status> {
+    let mut stream = client
+        .fetch_model(pb::FetchModelRequest {
+            session: session.to_string(),
+            version,
+        })
+        .await?
+        .into_inner();
+    let mut header = None;
+    while let Some(chunk) = stream.message().await? {
+        if let Some(pb::model_chunk::Part::Header(h)) = chunk.part {
+            header = Some(h);
+        }
+    }
+    Ok(header.expect("model header"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observers_fetch_models_but_never_count_train_or_displace_a_node() {
+    // Two nodes are needed for a round; one trains, and watchers come and go.
+    let served = Served::start(|_| {}).await;
+    let mut published = served.coordinator.subscribe();
+    let mut watcher = served.federation().await;
+    let watching = join_observer(&mut watcher, "watcher").await;
+    let mut a = served.federation().await;
+    let a_session = join(&mut a, "clinic-a").await;
+    let a_watching = join_observer(&mut watcher, "clinic-a").await;
+
+    // Watchers do not make up the second node: no round opens, and they are not listed.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let status = served.coordinator.status();
+    assert_eq!(
+        (status.connected_nodes, status.round, status.stage),
+        (1, None, "waiting_for_nodes")
+    );
+    let listed: Vec<String> = served
+        .coordinator
+        .nodes()
+        .into_iter()
+        .map(|n| n.node.0)
+        .collect();
+    assert_eq!(listed, ["clinic-a"]);
+
+    // They fetch models, with the hash of the stored weights file.
+    let latest = fetched_header(&mut watcher, &watching, None)
+        .await
+        .expect("an observer fetches the latest model");
+    let stored = served.coordinator.store().manifest(0).expect("version 0");
+    assert_eq!(
+        (latest.version, latest.weights_sha256.as_str()),
+        (0, stored.weights_sha256.as_str())
+    );
+
+    // Anything only a training session may do is refused.
+    let watch_only = |status: tonic::Status| {
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(status.message().contains("watch-only"), "{status:?}");
+    };
+    let poll = watcher
+        .wait_for_task(pb::WaitForTaskRequest {
+            session: watching.clone(),
+        })
+        .await;
+    watch_only(poll.expect_err("an observer polls for a task"));
+    let decline = watcher
+        .decline_task(pb::DeclineTaskRequest {
+            session: a_watching.clone(),
+            round: 1,
+            ..Default::default()
+        })
+        .await;
+    watch_only(decline.expect_err("an observer declines"));
+    let fake_task = pb::Task {
+        round: 1,
+        model_version: 0,
+        ..pb::Task::default()
+    };
+    let chunks = vec![
+        header_chunk(header(&a_watching, &fake_task)),
+        data_chunk(&[0.0; NUM_PARAMS]),
+    ];
+    watch_only(
+        submit(&mut watcher, chunks)
+            .await
+            .expect_err("an observer submits"),
+    );
+
+    // A second training node opens the round, with the two training nodes only.
+    let mut b = served.federation().await;
+    let b_session = join(&mut b, "clinic-b").await;
+    let a_task = task(&mut a, &a_session).await;
+    let b_task = task(&mut b, &b_session).await;
+    assert_eq!((a_task.round, b_task.round), (1, 1));
+
+    // Fetching with clinic-a's identity mid-round leaves clinic-a's training session alone.
+    let again = join_observer(&mut watcher, "clinic-a").await;
+    fetched_header(&mut watcher, &again, Some(0))
+        .await
+        .expect("an observer fetches a given version");
+    submit_honest(&mut a, &a_session, &a_task, 0.5).await;
+    submit_honest(&mut b, &b_session, &b_task, 0.5).await;
+    let manifest = next_published(&mut published).await;
+    assert_eq!((manifest.version, manifest.contributors), (1, 2));
+
+    // Joining as an observer over and over forgets the oldest sessions rather than keeping
+    // them all.
+    let mut sessions = Vec::new();
+    for _ in 0..9 {
+        sessions.push(join_observer(&mut watcher, "watcher").await);
+    }
+    let forgotten = fetched_header(&mut watcher, &watching, None).await;
+    assert_eq!(
+        forgotten.expect_err("the oldest watcher session").code(),
+        Code::Unauthenticated
+    );
+    fetched_header(&mut watcher, sessions.last().expect("a session"), None)
+        .await
+        .expect("the newest watcher session works");
     served.stop().await;
 }

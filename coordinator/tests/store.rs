@@ -5,8 +5,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use athanor_coordinator::store::{
-    DatasetFingerprint, Epsilon, ExamplePrivacy, Manifest, ManifestDraft, ModelStore, NodePrivacy,
-    StoreError, VersionStatus,
+    DatasetFingerprint, Epsilon, ExamplePrivacy, MANIFEST_FILE, Manifest, ManifestDraft,
+    ModelStore, NodePrivacy, OPTIMIZER_FILE, StoreError, VersionStatus,
 };
 use athanor_core::accountant::{Accountant, Step};
 use athanor_core::model::{Architecture, ModelSpec};
@@ -663,6 +663,7 @@ fn manifest_json_has_stable_field_names() {
         "node_privacy",
         "dataset_fingerprints",
         "weights_sha256",
+        "optimizer_sha256",
         "code_version",
     ];
     let mut sorted_keys = keys.clone();
@@ -757,4 +758,117 @@ fn damaged_versions_are_listed_by_number() {
     let damaged: Vec<u64> = store.damaged().iter().map(|(v, _)| *v).collect();
     assert_eq!(damaged, vec![1]);
     assert_eq!(store.latest().unwrap().version, 2);
+}
+
+/// A velocity with awkward f64 bit patterns, so a round trip through `f32` or text would show.
+fn velocity(spec: &ModelSpec) -> Vec<f64> {
+    (0..spec.num_params())
+        .map(|i| match i {
+            0 => -0.0,
+            1 => f64::from_bits(1),
+            2 => f64::MAX,
+            _ => (i as f64).sin() * 1e-3 + 1e-12,
+        })
+        .collect()
+}
+
+/// Publishes version 1 of `spec` with `velocity()` as its optimizer state.
+fn store_with_velocity(spec: ModelSpec) -> (TempDir, ModelStore) {
+    let (dir, store) = store_with(spec, 1);
+    store
+        .publish_with_optimizer(
+            trained_draft(spec, 0),
+            &params(&spec, 1),
+            Some(&velocity(&spec)),
+        )
+        .unwrap();
+    (dir, store)
+}
+
+#[test]
+fn the_optimizer_velocity_round_trips_bit_exact_under_its_manifest_hash() {
+    let spec = mlp();
+    let (dir, store) = store_with_velocity(spec);
+
+    let file = fs::read(version_dir(dir.path(), 1).join(OPTIMIZER_FILE)).unwrap();
+    let manifest = store.manifest(1).unwrap();
+    assert_eq!(
+        manifest.optimizer_sha256.as_deref(),
+        Some(hex::encode(Sha256::digest(&file)).as_str())
+    );
+    let reopened = ModelStore::open(dir.path()).unwrap();
+    let read = reopened.optimizer_velocity(1).unwrap().expect("a velocity");
+    let bits64 = |values: &[f64]| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits64(&read), bits64(&velocity(&spec)));
+
+    // Versions published without one, the initial model included, have none.
+    assert_eq!(reopened.manifest(0).unwrap().optimizer_sha256, None);
+    assert_eq!(reopened.optimizer_velocity(0).unwrap(), None);
+    assert!(!version_dir(dir.path(), 0).join(OPTIMIZER_FILE).exists());
+}
+
+#[test]
+fn a_damaged_or_missing_optimizer_file_is_reported_and_its_version_stays_valid() {
+    let spec = logistic();
+    let (dir, _store) = store_with_velocity(spec);
+    let path = version_dir(dir.path(), 1).join(OPTIMIZER_FILE);
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    fs::write(&path, &bytes).unwrap();
+
+    let store = ModelStore::open(dir.path()).unwrap();
+    assert!(store.damaged().is_empty());
+    assert_eq!(store.latest().unwrap().version, 1);
+    assert_eq!(bits(&store.load(1).unwrap().1), bits(&params(&spec, 1)));
+    let error = store.optimizer_velocity(1).unwrap_err();
+    assert!(
+        matches!(error, StoreError::InvalidOptimizerState { version: 1, .. }),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("sha256"), "{error}");
+
+    fs::remove_file(&path).unwrap();
+    let error = store.optimizer_velocity(1).unwrap_err();
+    assert!(matches!(error, StoreError::Io { .. }), "{error:?}");
+    assert!(store.damaged().is_empty());
+}
+
+#[test]
+fn a_manifest_written_before_optimizer_files_existed_reads_as_having_none() {
+    let spec = logistic();
+    let (dir, _store) = store_with(spec, 2);
+    let path = version_dir(dir.path(), 1).join(MANIFEST_FILE);
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    manifest
+        .as_object_mut()
+        .unwrap()
+        .remove("optimizer_sha256")
+        .expect("the field is written");
+    fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+
+    let store = ModelStore::open(dir.path()).unwrap();
+    assert!(store.damaged().is_empty());
+    assert_eq!(store.manifest(1).unwrap().optimizer_sha256, None);
+    assert_eq!(store.optimizer_velocity(1).unwrap(), None);
+}
+
+#[test]
+fn a_velocity_that_does_not_fit_the_model_is_refused_before_writing() {
+    let spec = logistic();
+    let (dir, store) = store_with(spec, 1);
+    let mut not_finite = velocity(&spec);
+    not_finite[3] = f64::NAN;
+    for bad in [vec![0.0; spec.num_params() + 1], not_finite] {
+        let error = store
+            .publish_with_optimizer(trained_draft(spec, 0), &params(&spec, 1), Some(&bad))
+            .unwrap_err();
+        assert!(
+            matches!(&error, StoreError::InvalidDraft { field, .. } if field == "optimizer.velocity"),
+            "{error:?}"
+        );
+    }
+    assert_eq!(store.next_version(), 1);
+    assert_eq!(versions_dir_names(dir.path()), ["000000"]);
 }

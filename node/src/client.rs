@@ -34,6 +34,18 @@ pub struct Session {
     pub spec: ModelSpec,
 }
 
+/// A model version as downloaded, its parameters checked against the header's hash.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// Its version number.
+    pub version: u64,
+    /// Its parameters, in the layout of the session's [`ModelSpec`].
+    pub params: Vec<f32>,
+    /// SHA-256 of the version's weights file as the coordinator stores it, when the
+    /// coordinator says (older ones do not).
+    pub weights_sha256: Option<String>,
+}
+
 /// A round's work, checked.
 #[derive(Debug, Clone)]
 pub struct Task {
@@ -158,19 +170,39 @@ impl CoordinatorClient {
         }
     }
 
-    /// Joins the federation.
+    /// Joins the federation to train.
     ///
     /// # Errors
     /// [`Error::Rpc`], or [`Error::Protocol`] when the answer is malformed.
     pub async fn join(&mut self, node_id: &str, data: &Fingerprint) -> Result<Session, Error> {
+        let dataset = pb::DatasetFingerprint {
+            sha256: data.sha256_hex(),
+            rows: data.rows(),
+        };
+        self.join_as(node_id, Some(dataset), false).await
+    }
+
+    /// Joins with a watch-only session: it may fetch models, never takes part in a round, and
+    /// leaves this node's training session, if any, as it is.
+    ///
+    /// # Errors
+    /// [`Error::Rpc`], or [`Error::Protocol`] when the answer is malformed.
+    pub async fn join_observer(&mut self, node_id: &str) -> Result<Session, Error> {
+        self.join_as(node_id, None, true).await
+    }
+
+    async fn join_as(
+        &mut self,
+        node_id: &str,
+        dataset: Option<pb::DatasetFingerprint>,
+        observer: bool,
+    ) -> Result<Session, Error> {
         let request = pb::JoinRequest {
             protocol_version: PROTOCOL_VERSION,
             node_id: node_id.to_string(),
-            dataset: Some(pb::DatasetFingerprint {
-                sha256: data.sha256_hex(),
-                rows: data.rows(),
-            }),
+            dataset,
             software_version: env!("CARGO_PKG_VERSION").to_string(),
+            observer,
         };
         let response = self
             .inner
@@ -214,14 +246,14 @@ impl CoordinatorClient {
     /// against `spec` and its hash against the header.
     ///
     /// # Errors
-    /// [`Error::Rpc`], or [`Error::Protocol`] when the stream is malformed, too long, or does
-    /// not match its hash.
+    /// [`Error::Rpc`], or [`Error::Protocol`] when the stream is malformed, too long, not the
+    /// version asked for, or does not match its hash.
     pub async fn fetch_model(
         &mut self,
         session: &str,
         version: Option<u64>,
         spec: &ModelSpec,
-    ) -> Result<(u64, Vec<f32>), Error> {
+    ) -> Result<Model, Error> {
         let mut stream = self
             .inner
             .fetch_model(pb::FetchModelRequest {
@@ -244,6 +276,14 @@ impl CoordinatorClient {
                 "model stream does not start with a header".into(),
             ));
         };
+        if let Some(asked) = version
+            && header.version != asked
+        {
+            return Err(Error::Protocol(format!(
+                "asked for model version {asked}, got version {}",
+                header.version
+            )));
+        }
         let expected = spec.num_params();
         if header.num_params != expected as u64 {
             return Err(Error::Protocol(format!(
@@ -277,7 +317,11 @@ impl CoordinatorClient {
         }
         let params = params::from_le_bytes(&bytes, expected)
             .map_err(|e| Error::Protocol(format!("model version {}: {e}", header.version)))?;
-        Ok((header.version, params))
+        Ok(Model {
+            version: header.version,
+            params,
+            weights_sha256: Some(header.weights_sha256).filter(|hash| !hash.is_empty()),
+        })
     }
 
     /// Sends an update as a header chunk followed by parameter chunks.

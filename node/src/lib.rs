@@ -8,6 +8,7 @@
 //! - [`transport`]: reaching the coordinator over mutual TLS, or plaintext with `--insecure`;
 //! - [`client`]: the wire protocol, seen from the node;
 //! - [`worker`]: the main loop (join, poll, check, train, record, submit);
+//! - [`fetch`]: saving a published model version to a file, with a watch-only session;
 //! - [`calculator`]: the `privacy` command-line calculator, shared with the simulator.
 
 #![warn(missing_docs)]
@@ -17,6 +18,7 @@ pub mod calculator;
 pub mod client;
 pub mod config;
 pub mod data;
+pub mod fetch;
 pub mod ledger;
 pub mod transport;
 pub mod worker;
@@ -74,6 +76,9 @@ pub enum Error {
     /// The privacy ledger cannot be read or written; the node does not train without it.
     #[error(transparent)]
     Ledger(#[from] ledger::LedgerError),
+    /// A file could not be written, or exists and may not be replaced.
+    #[error(transparent)]
+    Write(#[from] athanor_core::export::WriteError),
     /// Transport security cannot be set up: `[tls]` missing, a file unusable or expired, or a
     /// certificate naming another node.
     #[error("transport security: {0}")]

@@ -4,12 +4,15 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use athanor_core::export::{ExportFormat, WriteError};
 use athanor_node::budget::Summary;
 use athanor_node::calculator::PrivacyCommand;
+use athanor_node::client::CoordinatorClient;
+use athanor_node::fetch::FetchRequest;
 use athanor_node::ledger::Ledger;
 use athanor_node::{Node, NodeConfig, Randomness, transport};
 use athanor_tls::ClientSecurity;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 /// An Athanor node: trains on local data with DP-SGD and sends only clipped, noised updates to
@@ -57,6 +60,42 @@ enum Command {
     /// Privacy calculator: the epsilon of a DP-SGD run, or the noise a target epsilon needs.
     #[command(subcommand)]
     Privacy(PrivacyCommand),
+    /// Save a published model version to a file. Joins with a watch-only session, which never
+    /// takes part in a round, so it may run next to this node's `run`; loads no data and
+    /// spends no privacy.
+    Fetch {
+        /// Node configuration file (TOML), as for `run`: its coordinator address, TLS files
+        /// and node id are used.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The version to fetch [default: the latest published].
+        #[arg(long, value_name = "N")]
+        version: Option<u64>,
+        /// The file to write, atomically (temporary file, then rename) [default:
+        /// model-vN.safetensors or model-vN.npy in the current directory].
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// File format: the coordinator's own safetensors weights file, byte for byte, or the
+        /// flat parameter vector as one .npy array of little-endian float32.
+        #[arg(long, value_enum, default_value_t = Format::Safetensors)]
+        format: Format,
+        /// Replace the file if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Dial the coordinator in plaintext (an http:// address), ignoring [tls], as for
+        /// `run`. For tests on a trusted machine only.
+        #[arg(long)]
+        insecure: bool,
+    },
+}
+
+/// The formats `fetch` writes, as spelled on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    /// The stored safetensors weights file, byte for byte.
+    Safetensors,
+    /// The flat parameter vector as one `.npy` array.
+    Npy,
 }
 
 fn main() -> ExitCode {
@@ -102,7 +141,72 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", query.run()?);
             Ok(())
         }
+        Command::Fetch {
+            config,
+            version,
+            out,
+            format,
+            force,
+            insecure,
+        } => {
+            let format = match format {
+                Format::Safetensors => ExportFormat::Safetensors,
+                Format::Npy => ExportFormat::Npy,
+            };
+            let request = FetchRequest {
+                version,
+                format,
+                out,
+                overwrite: force,
+            };
+            fetch(&config, &request, insecure)
+        }
     }
+}
+
+fn fetch(path: &Path, request: &FetchRequest, insecure: bool) -> Result<()> {
+    let config = load(path)?;
+    let security = transport::security(&config, insecure)
+        .with_context(|| format!("setting up the connection configured in {}", path.display()))?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let channel = {
+        let _entered = runtime.enter();
+        transport::channel(&config, &security).with_context(|| {
+            format!("setting up the connection configured in {}", path.display())
+        })?
+    };
+    let mut client = CoordinatorClient::new(channel, config.coordinator.address.clone());
+    let tls = match security {
+        ClientSecurity::MutualTls(tls) => Some(*tls),
+        ClientSecurity::InsecurePlaintext => None,
+    };
+    let wanted = request
+        .version
+        .map_or("the latest version".to_string(), |v| format!("version {v}"));
+
+    runtime.block_on(async move {
+        let fetched = match athanor_node::fetch::fetch(&mut client, &config.node.id, request).await
+        {
+            Ok(fetched) => fetched,
+            Err(error @ athanor_node::Error::Write(WriteError::Exists { .. })) => {
+                anyhow::bail!("fetching {wanted}: {error}: pass --force to replace it");
+            }
+            Err(error) => {
+                let why = transport::why(tls.as_ref(), &error).await;
+                anyhow::bail!("fetching {wanted}: {why}");
+            }
+        };
+        println!(
+            "fetched version {} as {} to {} ({} bytes, {} float32 parameters, sha256 {})",
+            fetched.version,
+            fetched.format.name(),
+            fetched.path.display(),
+            fetched.bytes,
+            fetched.num_params,
+            fetched.sha256
+        );
+        Ok(())
+    })
 }
 
 fn show_budget(path: &Path, json: bool) -> Result<()> {

@@ -113,7 +113,7 @@ fn check_identity(tls: &ClientTls, id: &str) -> Result<(), Error> {
 
 /// `error` in words, with the reason the coordinator refused this node first when the error
 /// does not say it and `tls` can find it out (see [`ClientTls::diagnose`]).
-pub(crate) async fn why(tls: Option<&ClientTls>, error: &Error) -> String {
+pub async fn why(tls: Option<&ClientTls>, error: &Error) -> String {
     let Error::Rpc {
         address, status, ..
     } = error

@@ -432,9 +432,10 @@ impl Node {
             None => None,
         };
 
-        let (version, global) = client
+        let model = client
             .fetch_model(&session.token, Some(task.model_version), &session.spec)
             .await?;
+        let (version, global) = (model.version, model.params);
         let before = evaluate(&session.spec, &global, &self.test)?;
         debug!(
             version,

@@ -12,20 +12,16 @@
 mod support;
 
 use std::fs;
-use std::io::Read;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use flate2::read::GzDecoder;
-use support::{Sandbox, binaries, whole_lines};
+use support::{
+    SCHEMA, Sandbox, binaries, certs, coordinator_command, run_ok, start_coordinator, whole_lines,
+    write_shards,
+};
 
 /// Longest either test may take; each needs a few seconds.
 const TEST_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// The bundled dataset (569 rows, 30 features, 2 classes) and its schema, under `data/`.
-const DATASET: &str = "sklearn_breast_cancer.csv.gz";
-const SCHEMA: &str = "breast_cancer.schema.toml";
 
 #[test]
 fn two_nodes_provisioned_with_certs_train_over_mutual_tls() {
@@ -61,7 +57,11 @@ fn two_nodes_provisioned_with_certs_train_over_mutual_tls() {
     assert_eq!(fs::read(dir.join("ca/ca.key")).expect("ca.key"), key);
 
     fs::write(dir.join("coordinator.toml"), coordinator_config(2, 2, "")).expect("config");
-    let address = start_coordinator(&mut sandbox, &["serve", "--config", "coordinator.toml"]);
+    let address = start_coordinator(
+        &mut sandbox,
+        "coordinator",
+        &["serve", "--config", "coordinator.toml"],
+    );
 
     // Each node gets its bundle and template, filled in as its operator would.
     for node in ["clinic-a", "clinic-b"] {
@@ -162,7 +162,11 @@ fn strangers_are_refused_and_told_why_in_plain_words() {
         coordinator_config(1000, 50, lists),
     )
     .expect("config");
-    let address = start_coordinator(&mut sandbox, &["serve", "--config", "coordinator.toml"]);
+    let address = start_coordinator(
+        &mut sandbox,
+        "coordinator",
+        &["serve", "--config", "coordinator.toml"],
+    );
     let https = format!("https://{address}");
 
     let cases: [(&str, &str, String, &[&str]); 5] = [
@@ -314,42 +318,6 @@ fn check_admin_access(sandbox: &mut Sandbox, address: &str, deadline: Instant) {
     }
 }
 
-/// A `certs` command of the coordinator's binary.
-fn certs(args: &[&str]) -> Command {
-    let mut command = coordinator_command(&["certs"]);
-    command.args(args);
-    command
-}
-
-/// A command of the coordinator's binary, blind to any TLS directory set in the environment.
-fn coordinator_command(args: &[&str]) -> Command {
-    let mut command = Command::new(&binaries().coordinator);
-    command.args(args).env_remove("ATHANOR_TLS_DIR");
-    command
-}
-
-/// Runs `command` to completion and insists that it succeeds.
-fn run_ok(sandbox: &mut Sandbox, name: &str, command: Command, deadline: Instant) {
-    sandbox.spawn(name, command);
-    let status = sandbox.wait_for_exit(name, deadline);
-    assert!(
-        status.success(),
-        "{name} exited with {status}: {}",
-        sandbox.log(name, "stderr")
-    );
-}
-
-/// Starts the coordinator and returns the address it listens on.
-fn start_coordinator(sandbox: &mut Sandbox, args: &[&str]) -> String {
-    sandbox.spawn("coordinator", coordinator_command(args));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    sandbox.wait_for_log("coordinator", "stdout", deadline, |log| {
-        whole_lines(log)
-            .find_map(|line| line.strip_prefix("listening on "))
-            .map(|address| address.trim().to_string())
-    })
-}
-
 /// A coordinator on an ephemeral loopback port over the CA directory's files, running `total`
 /// rounds once `min_nodes` nodes are connected; `server` adds lines to `[server]`.
 fn coordinator_config(total: u64, min_nodes: usize, server: &str) -> String {
@@ -429,25 +397,4 @@ epsilon = 20.0
 ledger = "{name}.privacy-ledger.jsonl"
 "#
     )
-}
-
-/// Splits the bundled dataset by row into `clinic-a.csv` and `clinic-b.csv` in `dir`, and
-/// copies its schema there.
-fn write_shards(dir: &Path) {
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data");
-    let mut text = String::new();
-    GzDecoder::new(fs::File::open(data.join(DATASET)).expect("bundled dataset"))
-        .read_to_string(&mut text)
-        .expect("bundled dataset is gzip text");
-    let mut lines = text.lines();
-    let header = lines.next().expect("dataset has a header");
-    let mut shards = [format!("{header}\n"), format!("{header}\n")];
-    for (i, row) in lines.enumerate() {
-        shards[i % 2].push_str(row);
-        shards[i % 2].push('\n');
-    }
-    for (name, shard) in ["clinic-a", "clinic-b"].iter().zip(&shards) {
-        fs::write(dir.join(format!("{name}.csv")), shard).expect("write shard");
-    }
-    fs::copy(data.join(SCHEMA), dir.join(SCHEMA)).expect("copy schema");
 }

@@ -29,6 +29,7 @@
 //!                     "history": [ { "q": 1.0, "sigma": 1.1, "count": 3 } ] },
 //!   "dataset_fingerprints": [ { "node": "clinic-a", "sha256": "9f2c…", "rows": 5120 } ],
 //!   "weights_sha256": "3b41…",
+//!   "optimizer_sha256": "c07e…",
 //!   "code_version": "0.1.0"
 //! }
 //! ```
@@ -85,6 +86,12 @@ pub struct Manifest {
     pub dataset_fingerprints: Vec<DatasetFingerprint>,
     /// Lower-case hex SHA-256 of the whole `weights.safetensors` file.
     pub weights_sha256: String,
+    /// Lower-case hex SHA-256 of `optimizer.safetensors`, the server optimizer's state after
+    /// this version; `null` when it has none (no server momentum, the initial model). Absent
+    /// from manifests written before the file existed, which read as `null`: adding it did
+    /// not change [`MANIFEST_FORMAT`], since older readers ignore it.
+    #[serde(default)]
+    pub optimizer_sha256: Option<String>,
     /// Version of the coordinator that published this version.
     pub code_version: String,
 }
@@ -319,6 +326,7 @@ impl Manifest {
         version: u64,
         created_at: String,
         weights_sha256: String,
+        optimizer_sha256: Option<String>,
     ) -> Self {
         Manifest {
             format: MANIFEST_FORMAT,
@@ -336,6 +344,7 @@ impl Manifest {
             node_privacy: draft.node_privacy,
             dataset_fingerprints: draft.dataset_fingerprints,
             weights_sha256,
+            optimizer_sha256,
             code_version: draft.code_version,
         }
     }
@@ -343,7 +352,7 @@ impl Manifest {
 
 /// Formats a time as RFC 3339 in UTC to the second, e.g. `2026-12-04T15:02:11Z`. Times before
 /// 1970 are written as the epoch; they only occur with a badly set clock.
-pub(super) fn rfc3339_utc(time: SystemTime) -> String {
+pub(crate) fn rfc3339_utc(time: SystemTime) -> String {
     let secs = time
         .duration_since(UNIX_EPOCH)
         .map_or(0, |since| since.as_secs());

@@ -10,14 +10,27 @@
 //!       manifest.json
 //!     000001/
 //!       weights.safetensors
+//!       optimizer.safetensors  the server optimizer's velocity after this version (FedAvgM)
 //!       manifest.json
 //!     .partial-000002/         a publish in progress, or one a crash interrupted
+//!   paused                     present while the operator has rounds paused (see below)
 //! ```
+//!
+//! The store itself never reads or writes `paused`: the coordinator keeps the operator's pause
+//! there ([`crate::pause`]) so that it lives and moves with the store, and survives restarts.
 //!
 //! Version directories are named by their number, zero-padded to six digits so that `ls` lists
 //! them in order (a seventh digit is used past 999 999). The manifest is described in
 //! [`manifest`]; the weights are a safetensors file that numpy and PyTorch read directly
 //! (`safetensors.numpy.load_file`, `safetensors.torch.load_file`).
+//!
+//! `optimizer.safetensors` is only there when the coordinator runs with server momentum: one
+//! `F64` tensor `velocity` with a value per parameter, the FedAvgM velocity after the round
+//! that produced the version, which a restarted coordinator resumes with
+//! ([`ModelStore::optimizer_velocity`]). The manifest's `optimizer_sha256` is its hash. It is
+//! not part of what the version serves, so damage to it is reported when it is read and costs
+//! only the optimizer's memory; the version stays valid. Versions published before this file
+//! existed have none (`optimizer_sha256` absent or null).
 //!
 //! # Invariants
 //!
@@ -39,11 +52,10 @@
 //! # Weights file
 //!
 //! One `F32` tensor per [`TensorView`] of the model, under its name (`w`, `b` or `w1`, `b1`,
-//! `w2`, `b2`) and shape. The tensors are laid out in the order of the flat parameter vector,
-//! so the file's data section is exactly that vector in little-endian `f32`. The header carries
-//! string metadata: `athanor_format` (`"1"`), `version`, `architecture` (`logistic_regression`
-//! or `mlp`) and `model` (the [`ModelSpec`] as JSON). The store writes the header itself with
-//! sorted keys, so the same parameters and version always give the same bytes and hash.
+//! `w2`, `b2`) and shape, in the order of the flat parameter vector, with the version and the
+//! model in its metadata. [`athanor_core::export::safetensors_file`] builds it and documents
+//! the layout; nodes that fetch a version build the same bytes with it, so the same
+//! parameters and version always give the same file and hash wherever it is written.
 //!
 //! # Concurrency
 //!
@@ -64,9 +76,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::SystemTime;
 
-use athanor_core::model::{Architecture, ModelSpec, TensorView};
+use athanor_core::export;
+use athanor_core::model::{ModelSpec, TensorView};
 use safetensors::{Dtype, SafeTensors};
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
@@ -79,12 +92,14 @@ pub use self::manifest::{
 pub const WEIGHTS_FILE: &str = "weights.safetensors";
 /// Name of the manifest file in a version directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
+/// Name of the server optimizer's state file in a version directory, when it has one.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// Name of the velocity tensor in the optimizer's state file.
+const VELOCITY_TENSOR: &str = "velocity";
 /// Subdirectory of the store holding the versions.
 const VERSIONS_DIR: &str = "versions";
 /// Prefix of a version directory being written.
 const PARTIAL_PREFIX: &str = ".partial-";
-/// Value of the `athanor_format` metadata key in weights files.
-const WEIGHTS_FORMAT: &str = "1";
 
 /// What can go wrong storing or reading model versions.
 #[derive(Debug, thiserror::Error)]
@@ -197,6 +212,15 @@ pub enum StoreError {
     NotFound {
         /// The version asked for.
         version: u64,
+    },
+    /// A version's optimizer state file does not match its manifest's hash or the model, or
+    /// is not valid safetensors. The version itself stays valid: only the state is lost.
+    #[error("the optimizer state of version {version} is unusable: {message}")]
+    InvalidOptimizerState {
+        /// The version.
+        version: u64,
+        /// What is wrong.
+        message: String,
     },
 }
 
@@ -436,6 +460,23 @@ impl ModelStore {
     /// [`StoreError::ReadOnly`] for a store opened read-only; [`StoreError::Io`] if writing
     /// fails.
     pub fn publish(&self, draft: ManifestDraft, params: &[f32]) -> Result<Manifest, StoreError> {
+        self.publish_with_optimizer(draft, params, None)
+    }
+
+    /// [`ModelStore::publish`], storing with the version the server optimizer's velocity after
+    /// it (FedAvgM), so that a restarted coordinator resumes with it: one `F64` value per
+    /// parameter, in the file [`OPTIMIZER_FILE`], whose hash the manifest records as
+    /// `optimizer_sha256`.
+    ///
+    /// # Errors
+    /// As [`ModelStore::publish`]; [`StoreError::InvalidDraft`] (field `optimizer.velocity`)
+    /// for a velocity of the wrong length or holding a NaN or infinite value.
+    pub fn publish_with_optimizer(
+        &self,
+        draft: ManifestDraft,
+        params: &[f32],
+        velocity: Option<&[f64]>,
+    ) -> Result<Manifest, StoreError> {
         if self.read_only {
             return Err(StoreError::ReadOnly {
                 path: self.root.clone(),
@@ -458,18 +499,35 @@ impl ModelStore {
         }
         draft.validate()?;
         check_params(&draft.model, params)?;
+        if let Some(velocity) = velocity {
+            check_velocity(&draft.model, velocity).map_err(|reason| StoreError::InvalidDraft {
+                field: "optimizer.velocity".to_owned(),
+                reason,
+            })?;
+        }
 
-        // Build both files in memory.
-        let weights = encode_weights(version, &draft.model, params);
+        // Build the files in memory.
+        let weights = export::safetensors_file(version, &draft.model, params);
         let weights_sha256 = hex::encode(Sha256::digest(&weights));
+        let optimizer = velocity.map(|velocity| optimizer_file(version, velocity));
+        let optimizer_sha256 = optimizer
+            .as_ref()
+            .map(|bytes| hex::encode(Sha256::digest(bytes)));
         let created_at = manifest::rfc3339_utc(SystemTime::now());
-        let manifest = Manifest::from_draft(draft, version, created_at, weights_sha256);
+        let manifest =
+            Manifest::from_draft(draft, version, created_at, weights_sha256, optimizer_sha256);
         let mut manifest_json = serde_json::to_vec_pretty(&manifest)
             .expect("a manifest has only string map keys and finite floats, so it serializes");
         manifest_json.push(b'\n');
 
         // Write them and move the whole directory into place.
-        self.write_version(version, &weights, &manifest_json)?;
+        let mut files = vec![(WEIGHTS_FILE, &weights[..])];
+        if let Some(optimizer) = &optimizer {
+            files.push((OPTIMIZER_FILE, &optimizer[..]));
+        }
+        // The manifest goes last: a reader never finds one whose other files are missing.
+        files.push((MANIFEST_FILE, &manifest_json[..]));
+        self.write_version(version, &files)?;
 
         let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
         entries.push(VersionEntry {
@@ -487,14 +545,41 @@ impl ModelStore {
         Ok(manifest)
     }
 
+    /// The server optimizer's velocity stored with `version`, checked against the manifest's
+    /// hash and the model: `None` when the version has none (no momentum, the initial model, or
+    /// a version published before velocities were stored). Damage found here does not mark the
+    /// version damaged: its weights are still good, only the optimizer's memory is lost.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] and [`StoreError::Damaged`] as [`ModelStore::manifest`];
+    /// [`StoreError::Io`] when the file cannot be read (a missing file included);
+    /// [`StoreError::InvalidOptimizerState`] when it does not match its hash or the model.
+    pub fn optimizer_velocity(&self, version: u64) -> Result<Option<Vec<f64>>, StoreError> {
+        let manifest = self.manifest(version)?;
+        let Some(expected) = &manifest.optimizer_sha256 else {
+            return Ok(None);
+        };
+        let path = self
+            .versions_dir
+            .join(dir_name(version))
+            .join(OPTIMIZER_FILE);
+        let bytes = fs::read(&path).map_err(io_error(&path))?;
+        let invalid = |message: String| StoreError::InvalidOptimizerState { version, message };
+
+        let got = hex::encode(Sha256::digest(&bytes));
+        if &got != expected {
+            return Err(invalid(format!(
+                "{OPTIMIZER_FILE} has sha256 {got}, the manifest records {expected}"
+            )));
+        }
+        let velocity = decode_velocity(&bytes).map_err(invalid)?;
+        check_velocity(&manifest.model, &velocity).map_err(invalid)?;
+        Ok(Some(velocity))
+    }
+
     /// Writes a version's files into its partial directory and renames it into place, deleting
     /// the partial directory if anything fails.
-    fn write_version(
-        &self,
-        version: u64,
-        weights: &[u8],
-        manifest: &[u8],
-    ) -> Result<(), StoreError> {
+    fn write_version(&self, version: u64, files: &[(&str, &[u8])]) -> Result<(), StoreError> {
         let final_dir = self.versions_dir.join(dir_name(version));
         let partial = self
             .versions_dir
@@ -506,7 +591,7 @@ impl ModelStore {
             });
         }
 
-        let written = write_partial(&partial, weights, manifest).and_then(|()| {
+        let written = write_partial(&partial, files).and_then(|()| {
             // `rename` would replace an empty directory of the same name: check again, as late
             // as possible. Only another process could have created it meanwhile.
             if final_dir.exists() {
@@ -685,44 +770,6 @@ fn check_params(model: &ModelSpec, params: &[f32]) -> Result<(), StoreError> {
     })
 }
 
-/// Serializes parameters as a safetensors file. See the module documentation for the layout.
-///
-/// The format: an 8-byte little-endian header length, the JSON header padded with spaces to a
-/// multiple of 8 bytes, then the tensor data, each tensor at the byte offsets its header entry
-/// gives relative to the end of the header.
-fn encode_weights(version: u64, model: &ModelSpec, params: &[f32]) -> Vec<u8> {
-    let architecture = match model.architecture {
-        Architecture::LogisticRegression => "logistic_regression",
-        Architecture::Mlp { .. } => "mlp",
-    };
-    let mut header = Map::new();
-    header.insert(
-        "__metadata__".to_owned(),
-        json!({
-            "athanor_format": WEIGHTS_FORMAT,
-            "version": version.to_string(),
-            "architecture": architecture,
-            "model": json!(model).to_string(),
-        }),
-    );
-    for view in model.tensors() {
-        let (start, end) = (view.offset * 4, (view.offset + view.len()) * 4);
-        let entry = json!({ "dtype": "F32", "shape": view.shape, "data_offsets": [start, end] });
-        header.insert(view.name.to_owned(), entry);
-    }
-
-    let mut header = Value::Object(header).to_string().into_bytes();
-    header.resize(header.len().next_multiple_of(8), b' ');
-
-    let mut bytes = Vec::with_capacity(8 + header.len() + params.len() * 4);
-    bytes.extend_from_slice(&(header.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(&header);
-    for value in params {
-        bytes.extend_from_slice(&value.to_le_bytes());
-    }
-    bytes
-}
-
 /// Parses a safetensors file into a flat parameter vector, checking that it holds exactly the
 /// model's tensors, as finite `F32` values of the right shapes.
 fn decode_weights(version: u64, model: &ModelSpec, bytes: &[u8]) -> Result<Vec<f32>, StoreError> {
@@ -784,8 +831,9 @@ fn decode_weights(version: u64, model: &ModelSpec, bytes: &[u8]) -> Result<Vec<f
     Ok(params)
 }
 
-/// Creates `partial` and writes both files into it, each flushed to disk, then the directory.
-fn write_partial(partial: &Path, weights: &[u8], manifest: &[u8]) -> Result<(), StoreError> {
+/// Creates `partial` and writes `files` into it in order, each flushed to disk, then the
+/// directory.
+fn write_partial(partial: &Path, files: &[(&str, &[u8])]) -> Result<(), StoreError> {
     // A partial directory of this number can only be a leftover of a publish in this process
     // whose cleanup failed; nothing else writes there.
     if partial.exists() {
@@ -793,13 +841,59 @@ fn write_partial(partial: &Path, weights: &[u8], manifest: &[u8]) -> Result<(), 
     }
     fs::create_dir(partial).map_err(io_error(partial))?;
 
-    for (name, contents) in [(WEIGHTS_FILE, weights), (MANIFEST_FILE, manifest)] {
+    for (name, contents) in files {
         let path = partial.join(name);
         let mut file = File::create_new(&path).map_err(io_error(&path))?;
         file.write_all(contents).map_err(io_error(&path))?;
         file.sync_all().map_err(io_error(&path))?;
     }
     sync_dir(partial)
+}
+
+/// The optimizer's state file of `version`: the velocity as one `F64` tensor.
+fn optimizer_file(version: u64, velocity: &[f64]) -> Vec<u8> {
+    let metadata = [
+        ("athanor_format", export::WEIGHTS_FORMAT.to_owned()),
+        ("version", version.to_string()),
+    ];
+    export::safetensors_f64(VELOCITY_TENSOR, &metadata, velocity)
+}
+
+/// Reads the velocity out of an optimizer state file.
+fn decode_velocity(bytes: &[u8]) -> Result<Vec<f64>, String> {
+    let file = SafeTensors::deserialize(bytes).map_err(|error| error.to_string())?;
+    let tensor = file
+        .tensor(VELOCITY_TENSOR)
+        .map_err(|_| format!("no tensor {VELOCITY_TENSOR}"))?;
+    if tensor.dtype() != Dtype::F64 || tensor.shape().len() != 1 {
+        return Err(format!(
+            "tensor {VELOCITY_TENSOR} is {} of shape {:?}, not a vector of F64",
+            tensor.dtype(),
+            tensor.shape()
+        ));
+    }
+    Ok(tensor
+        .data()
+        .chunks_exact(8)
+        // `chunks_exact(8)` only yields 8-byte slices.
+        .map(|chunk| f64::from_le_bytes(chunk.try_into().expect("chunk of 8 bytes")))
+        .collect())
+}
+
+/// Checks that a velocity has one finite value per parameter of the model; the error says
+/// what is wrong.
+fn check_velocity(model: &ModelSpec, velocity: &[f64]) -> Result<(), String> {
+    if velocity.len() != model.num_params() {
+        return Err(format!(
+            "the velocity has {} values, the model {} parameters",
+            velocity.len(),
+            model.num_params()
+        ));
+    }
+    if let Some(index) = velocity.iter().position(|value| !value.is_finite()) {
+        return Err(format!("velocity value {index} is {}", velocity[index]));
+    }
+    Ok(())
 }
 
 /// Flushes a directory's entries to disk, so that files created or renamed in it survive a

@@ -146,6 +146,15 @@ impl Served {
 
 /// Joins as `node` and returns the session token.
 pub async fn join(client: &mut FederationClient<Channel>, node: &str) -> String {
+    join_as(client, node, false).await
+}
+
+/// Joins as a watch-only session of `node` and returns the session token.
+pub async fn join_observer(client: &mut FederationClient<Channel>, node: &str) -> String {
+    join_as(client, node, true).await
+}
+
+async fn join_as(client: &mut FederationClient<Channel>, node: &str, observer: bool) -> String {
     client
         .join(pb::JoinRequest {
             protocol_version: PROTOCOL_VERSION,
@@ -155,6 +164,7 @@ pub async fn join(client: &mut FederationClient<Channel>, node: &str) -> String 
                 rows: 10,
             }),
             software_version: "test".to_string(),
+            observer,
         })
         .await
         .expect("join accepted")

@@ -1,17 +1,24 @@
 //! What the end-to-end tests share: the workspace's binaries, built with the tests' profile,
-//! and a [`Sandbox`] that runs them as child processes in a temporary directory, logging each
-//! stream to a file, bounding every wait, and killing every child when the test ends.
+//! a [`Sandbox`] that runs them as child processes in a temporary directory, logging each
+//! stream to a file, bounding every wait, and killing every child when the test ends, and
+//! helpers for the coordinator's commands and the bundled data that mutual-TLS tests use.
 
 #![allow(dead_code, reason = "each test file uses its own part of the support")]
 
 use std::ffi::OsString;
 use std::fs::{self, File};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use flate2::read::GzDecoder;
 use tempfile::TempDir;
+
+/// The bundled dataset (569 rows, 30 features, 2 classes) and its schema, under `data/`.
+pub const DATASET: &str = "sklearn_breast_cancer.csv.gz";
+pub const SCHEMA: &str = "breast_cancer.schema.toml";
 
 /// The workspace's binaries.
 #[derive(Debug)]
@@ -234,4 +241,61 @@ impl Drop for Sandbox {
             }
         }
     }
+}
+
+/// A `certs` command of the coordinator's binary.
+pub fn certs(args: &[&str]) -> Command {
+    let mut command = coordinator_command(&["certs"]);
+    command.args(args);
+    command
+}
+
+/// A command of the coordinator's binary, blind to any TLS directory set in the environment.
+pub fn coordinator_command(args: &[&str]) -> Command {
+    let mut command = Command::new(&binaries().coordinator);
+    command.args(args).env_remove("ATHANOR_TLS_DIR");
+    command
+}
+
+/// Runs `command` to completion and insists that it succeeds.
+pub fn run_ok(sandbox: &mut Sandbox, name: &str, command: Command, deadline: Instant) {
+    sandbox.spawn(name, command);
+    let status = sandbox.wait_for_exit(name, deadline);
+    assert!(
+        status.success(),
+        "{name} exited with {status}: {}",
+        sandbox.log(name, "stderr")
+    );
+}
+
+/// Starts a coordinator as process `name` and returns the address it listens on.
+pub fn start_coordinator(sandbox: &mut Sandbox, name: &str, args: &[&str]) -> String {
+    sandbox.spawn(name, coordinator_command(args));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    sandbox.wait_for_log(name, "stdout", deadline, |log| {
+        whole_lines(log)
+            .find_map(|line| line.strip_prefix("listening on "))
+            .map(|address| address.trim().to_string())
+    })
+}
+
+/// Splits the bundled dataset by row into `clinic-a.csv` and `clinic-b.csv` in `dir`, and
+/// copies its schema there.
+pub fn write_shards(dir: &Path) {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data");
+    let mut text = String::new();
+    GzDecoder::new(File::open(data.join(DATASET)).expect("bundled dataset"))
+        .read_to_string(&mut text)
+        .expect("bundled dataset is gzip text");
+    let mut lines = text.lines();
+    let header = lines.next().expect("dataset has a header");
+    let mut shards = [format!("{header}\n"), format!("{header}\n")];
+    for (i, row) in lines.enumerate() {
+        shards[i % 2].push_str(row);
+        shards[i % 2].push('\n');
+    }
+    for (name, shard) in ["clinic-a", "clinic-b"].iter().zip(&shards) {
+        fs::write(dir.join(format!("{name}.csv")), shard).expect("write shard");
+    }
+    fs::copy(data.join(SCHEMA), dir.join(SCHEMA)).expect("copy schema");
 }
