@@ -30,7 +30,7 @@ use flate2::read::GzDecoder;
 use ndarray::ArrayView2;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use support::{Binaries, Sandbox, binaries, whole_lines};
+use support::{Binaries, Sandbox, binaries, start_coordinator, whole_lines};
 
 /// Longest the whole federation may take, start to exit; it needs a few seconds, most of them
 /// the coordinator's linger after the last round.
@@ -59,20 +59,10 @@ fn three_nodes_publish_three_private_versions_that_beat_the_initial_model() {
     // The coordinator picks a free port and says which on stdout.
     fs::write(sandbox.dir().join("coordinator.toml"), COORDINATOR_CONFIG)
         .expect("write coordinator config");
-    let mut serve = Command::new(&binaries.coordinator);
-    serve.args(["serve", "--insecure", "--config", "coordinator.toml"]);
-    sandbox.spawn("coordinator", serve);
-    let address = sandbox.wait_for_log("coordinator", "stdout", deadline, |log| {
-        whole_lines(log)
-            .find_map(|line| line.strip_prefix("listening on "))
-            .map(|address| address.trim().to_string())
-    });
-    let address: SocketAddr = address
-        .parse()
-        .expect("coordinator prints a socket address");
-    assert!(
-        address.ip().is_loopback(),
-        "coordinator listens on {address}"
+    let address = start_coordinator(
+        &mut sandbox,
+        "coordinator",
+        &["serve", "--insecure", "--config", "coordinator.toml"],
     );
 
     for node in 0..NODES {

@@ -22,7 +22,7 @@ use athanor_core::plan::{DpSgdRequest, RoundPlan};
 use athanor_node::ledger::{Entry, Ledger, Tail};
 use flate2::read::GzDecoder;
 use serde_json::Value;
-use support::{Sandbox, binaries, whole_lines};
+use support::{Sandbox, binaries, start_coordinator, whole_lines};
 
 /// Longest the test may take once the binaries are built; it needs a few seconds, most of
 /// them the coordinator's linger after the last round.
@@ -62,20 +62,10 @@ fn a_node_killed_right_after_sending_an_update_had_already_recorded_its_spending
 
     fs::write(sandbox.dir().join("coordinator.toml"), coordinator_config())
         .expect("write coordinator config");
-    let mut serve = Command::new(&binaries.coordinator);
-    serve.args(["serve", "--insecure", "--config", "coordinator.toml"]);
-    sandbox.spawn("coordinator", serve);
-    let address = sandbox.wait_for_log("coordinator", "stdout", deadline, |log| {
-        whole_lines(log)
-            .find_map(|line| line.strip_prefix("listening on "))
-            .map(|address| address.trim().to_string())
-    });
-    let address: SocketAddr = address
-        .parse()
-        .expect("coordinator prints a socket address");
-    assert!(
-        address.ip().is_loopback(),
-        "coordinator listens on {address}"
+    let address = start_coordinator(
+        &mut sandbox,
+        "coordinator",
+        &["serve", "--insecure", "--config", "coordinator.toml"],
     );
 
     fs::write(

@@ -35,7 +35,7 @@ use athanor_node::data::{Dataset, Schema};
 use ndarray::ArrayView2;
 use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::SeedableRng;
-use support::{Sandbox, binaries, whole_lines};
+use support::{Sandbox, binaries, start_coordinator, whole_lines};
 
 /// Longest the test may take once the binaries are built. The usual run needs about ten
 /// seconds: two short stages that close at their deadline and the coordinator's linger. When the
@@ -113,20 +113,10 @@ fn a_secure_round_losing_nodes_after_keys_and_after_masking_publishes_the_surviv
 
     fs::write(sandbox.dir().join("coordinator.toml"), coordinator_config())
         .expect("write coordinator config");
-    let mut serve = Command::new(&binaries.coordinator);
-    serve.args(["serve", "--insecure", "--config", "coordinator.toml"]);
-    sandbox.spawn("coordinator", serve);
-    let address = sandbox.wait_for_log("coordinator", "stdout", deadline, |log| {
-        whole_lines(log)
-            .find_map(|line| line.strip_prefix("listening on "))
-            .map(|address| address.trim().to_string())
-    });
-    let address: SocketAddr = address
-        .parse()
-        .expect("coordinator prints a socket address");
-    assert!(
-        address.ip().is_loopback(),
-        "coordinator listens on {address}"
+    let address = start_coordinator(
+        &mut sandbox,
+        "coordinator",
+        &["serve", "--insecure", "--config", "coordinator.toml"],
     );
 
     for node in 0..NODES {

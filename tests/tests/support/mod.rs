@@ -8,6 +8,7 @@
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::Read;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
@@ -268,15 +269,24 @@ pub fn run_ok(sandbox: &mut Sandbox, name: &str, command: Command, deadline: Ins
     );
 }
 
-/// Starts a coordinator as process `name` and returns the address it listens on.
-pub fn start_coordinator(sandbox: &mut Sandbox, name: &str, args: &[&str]) -> String {
+/// Starts a coordinator as process `name` and returns the address it listens on, which must
+/// be on loopback.
+pub fn start_coordinator(sandbox: &mut Sandbox, name: &str, args: &[&str]) -> SocketAddr {
     sandbox.spawn(name, coordinator_command(args));
     let deadline = Instant::now() + Duration::from_secs(20);
-    sandbox.wait_for_log(name, "stdout", deadline, |log| {
+    let address = sandbox.wait_for_log(name, "stdout", deadline, |log| {
         whole_lines(log)
             .find_map(|line| line.strip_prefix("listening on "))
             .map(|address| address.trim().to_string())
-    })
+    });
+    let address: SocketAddr = address
+        .parse()
+        .expect("coordinator prints a socket address");
+    assert!(
+        address.ip().is_loopback(),
+        "coordinator listens on {address}"
+    );
+    address
 }
 
 /// Splits the bundled dataset by row into `clinic-a.csv` and `clinic-b.csv` in `dir`, and
