@@ -29,6 +29,10 @@ use crate::Error;
 use crate::config::CoordinatorConfig;
 use crate::round::NodeId;
 
+/// Below this many quantization levels between zero and the clipping bound, the rounding
+/// error of the decoded mean is no longer negligible against the update: say so.
+const COARSE_LEVELS: f64 = 1024.0;
+
 /// What one node needs to take part: the round's parameters and its own number.
 #[derive(Debug, Clone)]
 pub struct SecureTask {
@@ -158,6 +162,16 @@ impl SecureRound {
             .check_round(&protocol)
             .map_err(|e| e.to_string())?;
         let server = ServerRound::new(protocol.clone()).map_err(|e| e.to_string())?;
+        let levels = clip_norm / quantizer.config().granularity;
+        if levels < COARSE_LEVELS {
+            warn!(
+                levels,
+                rounding_error = quantizer.rounding_error_bound(),
+                clip_norm,
+                "coarse quantization: the ring leaves few levels per update for this cohort; \
+                 raise [aggregation] ring_bits or lower update_clip_norm"
+            );
+        }
         info!(
             protocol_round = protocol.round.0,
             granularity = quantizer.config().granularity,

@@ -412,3 +412,102 @@ proptest! {
         parse_schema(&mutate(seed, &edits));
     }
 }
+
+/// Secure-aggregation parameters as a coordinator might send them: a valid set with each
+/// field, independently, replaced by an arbitrary value now and then, so that most cases
+/// differ from a good task in one or two places.
+fn secure_task() -> impl Strategy<Value = athanor_proto::v1::SecureAggregation> {
+    use athanor_proto::v1::{Quantization, SecureAggregation};
+    fn or<T: Clone + std::fmt::Debug + 'static>(
+        good: T,
+        any: impl Strategy<Value = T> + 'static,
+    ) -> BoxedStrategy<T> {
+        prop_oneof![17 => Just(good), 3 => any].boxed()
+    }
+    let quantization = (
+        (
+            or(10u64, 0u64..3000),
+            or(1.0f64, prop::num::f64::ANY),
+            or(1.0f64 / 1024.0, prop::num::f64::ANY),
+        ),
+        or(Vec::new(), prop::collection::vec(any::<u8>(), 0..40)),
+        (
+            or(None, prop::option::of(prop::num::f64::ANY)),
+            or(2u64, 0u64..8),
+        ),
+        (or(3u64, 0u64..12), or(40u32, 0u32..140)),
+    )
+        .prop_map(
+            |(
+                (dimension, clip_norm, granularity),
+                rotation_seed,
+                (noise_sum_std, noise_min),
+                (max, tail),
+            )| {
+                Quantization {
+                    dimension,
+                    clip_norm,
+                    granularity,
+                    rotation_seed,
+                    noise_sum_std,
+                    noise_min_survivors: noise_min,
+                    max_contributors: max,
+                    tail_bits: tail,
+                }
+            },
+        );
+    (
+        (any::<u64>(), or(1u64, 0u64..8)),
+        or(vec![1u64, 2, 3], prop::collection::vec(0u64..8, 0..8)),
+        (or(10u64, 0u64..5000), or(32u32, 0u32..70)),
+        (
+            or(10u64, 0u64..10),
+            or(2u64, 0u64..10),
+            or(67u32, 0u32..120),
+            or(2u64, 0u64..8),
+        ),
+        or(true, any::<bool>()),
+        quantization,
+    )
+        .prop_map(
+            |(
+                (round, node),
+                cohort,
+                (vector_len, ring_bits),
+                (complete, degree, threshold, min),
+                has_q,
+                q,
+            )| {
+                SecureAggregation {
+                    protocol_round: round,
+                    node,
+                    cohort,
+                    vector_len,
+                    ring_bits,
+                    complete_graph_max: complete,
+                    degree,
+                    threshold_percent: threshold,
+                    min_survivors: min,
+                    quantization: has_q.then_some(q),
+                }
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Whatever secure-aggregation parameters a task carries, the node accepts them as a
+    /// consistent whole or names what is wrong; it never panics.
+    #[test]
+    fn arbitrary_secure_aggregation_parameters_are_checked_without_panic(task in secure_task()) {
+        let accepted = athanor_node::client::secure_from_wire(task);
+        if let Ok(secure) = accepted {
+            // What it accepts is usable: the quantizer encodes a zero update of its dimension.
+            let zeros = vec![0.0f32; secure.quantizer.config().dimension];
+            let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(1);
+            let encoded = secure.quantizer.encode(&zeros, &mut rng).expect("zeros encode");
+            prop_assert_eq!(encoded.len(), secure.config.vector_len);
+        }
+    }
+}
