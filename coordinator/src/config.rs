@@ -167,6 +167,10 @@ fn default_tail_bits() -> u32 {
     40
 }
 
+/// Fewer quantization levels than this between zero and the clipping bound is refused: the
+/// rounding error would be of the order of the updates themselves.
+const MIN_QUANTIZATION_LEVELS: f64 = 16.0;
+
 /// S for secure aggregation without `[node_privacy]`.
 pub const DEFAULT_SECURE_CLIP_NORM: f64 = 10.0;
 
@@ -578,6 +582,21 @@ impl CoordinatorConfig {
         if self.min_updates() == 0 {
             return Err("[rounds] min_updates must be at least 1".into());
         }
+        if self.min_updates() > rounds.min_nodes {
+            return Err(format!(
+                "[rounds] min_updates = {} exceeds min_nodes = {}: a round could open with fewer \
+                 nodes than it needs to publish; raise min_nodes",
+                self.min_updates(),
+                rounds.min_nodes
+            ));
+        }
+        if rounds.max_consecutive_abandoned == 0 {
+            return Err(
+                "[rounds] max_consecutive_abandoned must be at least 1: with 0 the coordinator \
+                 would give up before its first round"
+                    .into(),
+            );
+        }
         let strategy = &self.strategy;
         if !(strategy.server_learning_rate.is_finite() && strategy.server_learning_rate > 0.0) {
             return Err(format!(
@@ -600,22 +619,17 @@ impl CoordinatorConfig {
         if let Some(node) = &self.node_privacy {
             node.check()?;
         }
+        self.check_aggregation_values()?;
         if self.aggregation.mode == AggregationMode::Secure {
             self.check_secure()?;
         }
         Ok(())
     }
 
-    fn check_secure(&self) -> Result<(), String> {
+    /// Checks the `[aggregation]` values whatever the mode, so that switching to secure
+    /// aggregation never uncovers a bad value.
+    fn check_aggregation_values(&self) -> Result<(), String> {
         let a = &self.aggregation;
-        if self.min_updates() < 2 {
-            return Err(format!(
-                "[aggregation] mode = \"secure\" needs [rounds] min_updates of at least 2 (got \
-                 {}): the sum of one node's update is that update; use mode = \"plain\" for a \
-                 single node",
-                self.min_updates()
-            ));
-        }
         if let (Some(clip), Some(node)) = (a.update_clip_norm, &self.node_privacy)
             && clip != node.update_clip_norm
         {
@@ -639,28 +653,93 @@ impl CoordinatorConfig {
                 a.stage_deadline_secs
             ));
         }
-        let cohort: Vec<_> = (0..self.min_updates() as u64)
-            .map(athanor_core::secagg::NodeId)
-            .collect();
-        athanor_core::secagg::SecAggConfig {
-            round: athanor_core::secagg::RoundId(0),
-            cohort,
-            vector_len: 1,
-            ring_bits: a.ring_bits,
-            complete_graph_max: a.complete_graph_max,
-            degree: a.degree,
-            threshold_percent: a.threshold_percent,
-            min_survivors: self.min_updates(),
-        }
-        .validate()
-        .map_err(|e| format!("[aggregation]: {e}"))?;
         if !(1..=128).contains(&a.tail_bits) {
             return Err(format!(
                 "[aggregation] tail_bits must be between 1 and 128, got {}",
                 a.tail_bits
             ));
         }
+        let cohort = self.reference_cohort().max(2);
+        athanor_core::secagg::SecAggConfig {
+            round: athanor_core::secagg::RoundId(0),
+            cohort: (1..=cohort as u64)
+                .map(athanor_core::secagg::NodeId)
+                .collect(),
+            vector_len: 1,
+            ring_bits: a.ring_bits,
+            complete_graph_max: a.complete_graph_max,
+            degree: a.degree,
+            threshold_percent: a.threshold_percent,
+            min_survivors: 2,
+        }
+        .validate()
+        .map_err(|e| format!("[aggregation]: {e}"))
+    }
+
+    /// Checks that secure aggregation can run at all: at least two updates, and a ring that
+    /// holds the sum of the cohort the federation starts with at a useful precision.
+    fn check_secure(&self) -> Result<(), String> {
+        if self.min_updates() < 2 {
+            return Err(format!(
+                "[aggregation] mode = \"secure\" needs [rounds] min_updates of at least 2 (got \
+                 {}): the sum of one node's update is that update; use mode = \"plain\" for a \
+                 single node",
+                self.min_updates()
+            ));
+        }
+        let quantizer = self
+            .reference_quantizer()
+            .map_err(|e| format!("[aggregation]: {e}"))?;
+        let levels = self.secure_clip_norm() / quantizer.config().granularity;
+        if levels < MIN_QUANTIZATION_LEVELS {
+            return Err(format!(
+                "[aggregation] ring_bits = {} leaves {levels} quantization levels between zero \
+                 and update_clip_norm = {} for a cohort of {}: the rounding would swamp the \
+                 updates; raise ring_bits or lower update_clip_norm",
+                self.aggregation.ring_bits,
+                self.secure_clip_norm(),
+                self.reference_cohort()
+            ));
+        }
         Ok(())
+    }
+
+    /// The cohort size the checks at load time assume: the configured cohort, or every node
+    /// the first round waits for.
+    pub fn reference_cohort(&self) -> usize {
+        self.rounds
+            .cohort_size
+            .max(self.rounds.min_nodes)
+            .max(self.min_updates())
+    }
+
+    /// The finest quantization for [`CoordinatorConfig::reference_cohort`] nodes, as rounds of
+    /// that size will use.
+    ///
+    /// # Errors
+    /// When no quantization step fits the ring.
+    pub fn reference_quantizer(
+        &self,
+    ) -> Result<athanor_core::secagg::quantize::Quantizer, athanor_core::secagg::SecAggError> {
+        use athanor_core::secagg::quantize::{DistributedNoise, QuantizationConfig, Quantizer};
+        let noise = match &self.node_privacy {
+            Some(node) => DistributedNoise::Gaussian {
+                sum_std: node.noise_multiplier * node.update_clip_norm,
+                min_survivors: self.min_updates(),
+            },
+            None => DistributedNoise::InsecureNone,
+        };
+        let dimension = self.model_spec().map_or(1, |spec| spec.num_params());
+        Quantizer::finest(QuantizationConfig {
+            dimension,
+            clip_norm: self.secure_clip_norm(),
+            granularity: 1.0,
+            rotation_seed: self.aggregation.rotation.then_some([0; 32]),
+            noise,
+            max_contributors: self.reference_cohort(),
+            ring_bits: self.aggregation.ring_bits,
+            tail_bits: self.aggregation.tail_bits,
+        })
     }
 
     /// The L2 bound nodes clip their updates to under secure aggregation.
@@ -774,6 +853,53 @@ mod tests {
 
     fn parse(text: &str) -> Result<CoordinatorConfig, Error> {
         CoordinatorConfig::parse(text, Path::new("coordinator.toml"))
+    }
+
+    fn refusal(extra: &str) -> String {
+        parse(&format!("{GOOD}\n{extra}"))
+            .expect_err(extra)
+            .to_string()
+    }
+
+    #[test]
+    fn a_ring_too_small_for_the_cohort_is_refused_with_its_numbers() {
+        let error = refusal("[rounds]\nmin_nodes = 8\n[aggregation]\nring_bits = 4");
+        assert!(
+            error.contains("needs") && error.contains("ring has 4"),
+            "{error}"
+        );
+        let error = refusal("[aggregation]\nupdate_clip_norm = 1e30");
+        assert!(error.contains("[aggregation]"), "{error}");
+        // Fits, but with a handful of levels the rounding would drown the updates.
+        let error = refusal("[rounds]\nmin_nodes = 8\n[aggregation]\nring_bits = 8");
+        assert!(error.contains("quantization levels"), "{error}");
+        assert!(parse(&format!("{GOOD}\n[rounds]\nmin_nodes = 8")).is_ok());
+    }
+
+    #[test]
+    fn rounds_that_could_never_publish_are_refused() {
+        let error = refusal("[rounds]\nmin_nodes = 2\nmin_updates = 3");
+        assert!(
+            error.contains("min_updates = 3 exceeds min_nodes = 2"),
+            "{error}"
+        );
+        let error = refusal("[rounds]\nmax_consecutive_abandoned = 0");
+        assert!(error.contains("max_consecutive_abandoned"), "{error}");
+    }
+
+    #[test]
+    fn aggregation_values_are_checked_in_plain_mode_too() {
+        for bad in [
+            "ring_bits = 0",
+            "threshold_percent = 5",
+            "degree = 3",
+            "update_clip_norm = -4.0",
+            "update_clip_norm = nan",
+            "tail_bits = 0",
+        ] {
+            let error = refusal(&format!("[aggregation]\nmode = \"plain\"\n{bad}"));
+            assert!(error.contains("[aggregation]"), "{bad}: {error}");
+        }
     }
 
     #[test]

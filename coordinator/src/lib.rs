@@ -94,4 +94,7 @@ pub enum Error {
     /// The coordinator is shutting down.
     #[error("coordinator is shutting down")]
     ShuttingDown,
+    /// The federation stopped before publishing every round it was configured for.
+    #[error("the federation gave up: {0}")]
+    GaveUp(String),
 }

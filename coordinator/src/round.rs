@@ -58,6 +58,14 @@ use crate::strategy::{self, Contribution, ServerOptimizer};
 /// How long a long poll waits before answering "idle".
 const POLL_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// A node joining again this soon after its previous join is probably a second process with
+/// the same identity.
+const DUPLICATE_JOIN_WINDOW: Duration = Duration::from_secs(5);
+
+/// Longest pause after a round that could not even start (its cohort cannot be aggregated)
+/// before the next try.
+const UNUSABLE_ROUND_PAUSE: Duration = Duration::from_secs(5);
+
 /// A node not heard from for this long no longer counts as connected, and a watch-only
 /// session unused for this long is forgotten.
 const SESSION_TIMEOUT: Duration = Duration::from_secs(90);
@@ -344,6 +352,9 @@ impl Coordinator {
             );
         }
 
+        if config.aggregation.mode == AggregationMode::Secure {
+            warn_about_secure_settings(&config);
+        }
         if config.aggregation.mode == AggregationMode::Secure && config.node_privacy.is_none() {
             warn!(
                 "secure aggregation without [node_privacy]: nodes add no node-level noise, so \
@@ -370,7 +381,7 @@ impl Coordinator {
             return Err(Error::Config {
                 path: config.store.dir.clone(),
                 message: format!(
-                    "the store holds a {:?} model but [model] describes {:?}; use a new store \
+                    "the store holds a {} model but [model] describes a {}; use a new store \
                      directory for a different model",
                     latest.model, spec
                 ),
@@ -489,8 +500,23 @@ impl Coordinator {
         let mut state = self.lock();
         if let Some(old) = state.nodes.get(&node) {
             let old_session = old.session.clone();
+            let age = old.joined_at.elapsed();
             state.sessions.remove(&old_session);
-            debug!(%node, "node joined again; earlier session replaced");
+            if age < DUPLICATE_JOIN_WINDOW {
+                warn!(
+                    %node,
+                    previous_session_age = ?age,
+                    "node joined again moments after its previous join; if two processes run \
+                     as this node, each keeps replacing the other's session: stop one"
+                );
+            } else {
+                debug!(%node, "node joined again; earlier session replaced");
+            }
+            // The earlier process's part in a secure round is lost with it: stages need not
+            // wait for messages only it could have sent.
+            if let Some(secure) = state.round.as_mut().and_then(|r| r.secure.as_mut()) {
+                secure.forget(&node);
+            }
         }
         state
             .sessions
@@ -1048,7 +1074,7 @@ impl Coordinator {
         };
 
         let reason = match &result {
-            Ok(reason) => reason.clone(),
+            Ok(reason) | Err(Error::GaveUp(reason)) => reason.clone(),
             Err(e) => format!("coordinator failed: {e}"),
         };
         self.finish(reason);
@@ -1071,7 +1097,9 @@ impl Coordinator {
                     abandoned_in_a_row,
                     "giving up after too many abandoned rounds"
                 );
-                return Ok(format!("{abandoned_in_a_row} rounds abandoned in a row"));
+                return Err(Error::GaveUp(format!(
+                    "{abandoned_in_a_row} rounds abandoned in a row"
+                )));
             }
 
             self.wait_for_nodes(config.rounds.min_nodes).await;
@@ -1089,6 +1117,9 @@ impl Coordinator {
             let published = async {
                 if let Some(reason) = unusable {
                     self.abandon(round_id, &reason);
+                    // Nothing was asked of anyone: give nodes time to come or go before the
+                    // next try, rather than burning through rounds in a millisecond.
+                    self.wait_for_change(UNUSABLE_ROUND_PAUSE).await;
                     return Ok(false);
                 }
                 if config.aggregation.mode == AggregationMode::Secure {
@@ -1133,6 +1164,14 @@ impl Coordinator {
              round would bring it to {:.4}",
             charge.record.epsilon
         )))
+    }
+
+    /// Waits until the state changes (a node joins or leaves, an operator acts) or `limit`
+    /// passes.
+    async fn wait_for_change(&self, limit: Duration) {
+        let mut changes = self.shared.changed.subscribe();
+        changes.borrow_and_update();
+        let _ = tokio::time::timeout(limit, changes.changed()).await;
     }
 
     /// Waits until rounds are not paused; returns whether it had to wait.
@@ -1755,4 +1794,57 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Says once, at start, what the secure-aggregation settings imply for rounds of the cohort
+/// the federation starts with: how finely updates are quantized, and how many nodes must
+/// answer to the end, which the Shamir threshold may set above `min_updates`.
+fn warn_about_secure_settings(config: &CoordinatorConfig) {
+    let cohort = config.reference_cohort();
+    if let Ok(quantizer) = config.reference_quantizer() {
+        let levels = config.secure_clip_norm() / quantizer.config().granularity;
+        info!(
+            cohort,
+            granularity = quantizer.config().granularity,
+            levels,
+            "secure aggregation quantizes each update coordinate to this step"
+        );
+        if levels < crate::secure::COARSE_LEVELS {
+            warn!(
+                cohort,
+                levels,
+                rounding_error = quantizer.rounding_error_bound(),
+                "coarse quantization: the ring leaves few levels per update for this cohort; \
+                 raise [aggregation] ring_bits or lower update_clip_norm"
+            );
+        }
+    }
+    let a = &config.aggregation;
+    let neighbours = if cohort <= a.complete_graph_max {
+        cohort.saturating_sub(1)
+    } else {
+        a.degree
+    };
+    let probe = athanor_core::secagg::SecAggConfig {
+        round: athanor_core::secagg::RoundId(0),
+        cohort: Vec::new(),
+        vector_len: 1,
+        ring_bits: a.ring_bits,
+        complete_graph_max: a.complete_graph_max,
+        degree: a.degree,
+        threshold_percent: a.threshold_percent,
+        min_survivors: 2,
+    };
+    let threshold = probe.threshold(neighbours);
+    if threshold > config.min_updates() {
+        warn!(
+            cohort,
+            threshold,
+            min_updates = config.min_updates(),
+            threshold_percent = a.threshold_percent,
+            "each secret needs {threshold} live holders to be unmasked, so rounds of {cohort} \
+             nodes need about that many to answer to the end, more than min_updates; lower \
+             [aggregation] threshold_percent (down to 51) for more tolerance to dropouts"
+        );
+    }
 }

@@ -31,7 +31,7 @@ use crate::round::NodeId;
 
 /// Below this many quantization levels between zero and the clipping bound, the rounding
 /// error of the decoded mean is no longer negligible against the update: say so.
-const COARSE_LEVELS: f64 = 1024.0;
+pub const COARSE_LEVELS: f64 = 1024.0;
 
 /// What one node needs to take part: the round's parameters and its own number.
 #[derive(Debug, Clone)]
@@ -162,8 +162,10 @@ impl SecureRound {
             .check_round(&protocol)
             .map_err(|e| e.to_string())?;
         let server = ServerRound::new(protocol.clone()).map_err(|e| e.to_string())?;
+        // The start-up check covered cohorts up to the reference size; a larger one gets a
+        // coarser step, which is worth a word when it becomes coarse.
         let levels = clip_norm / quantizer.config().granularity;
-        if levels < COARSE_LEVELS {
+        if levels < COARSE_LEVELS && members.len() > config.reference_cohort() {
             warn!(
                 levels,
                 rounding_error = quantizer.rounding_error_bound(),
@@ -233,6 +235,18 @@ impl SecureRound {
             && let Some(number) = self.numbers.get(node)
         {
             self.waiting_for.remove(number);
+        }
+    }
+
+    /// A node's session was replaced (it restarted, or lost its connection): whatever it
+    /// held for this round is gone, so past the key advertisements no stage waits for it.
+    /// While keys are still being advertised its new session may yet take part.
+    pub fn forget(&mut self, node: &NodeId) {
+        if self.stage.is_some_and(|s| s > Stage::AdvertiseKeys)
+            && let Some(number) = self.numbers.get(node)
+            && self.waiting_for.remove(number)
+        {
+            info!(%node, stage = ?self.stage, "a node rejoined mid-round; its stage no longer waits for it");
         }
     }
 

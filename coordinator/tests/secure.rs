@@ -369,6 +369,90 @@ async fn messages_that_break_the_protocol_are_refused_and_the_round_still_publis
     served.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_rejoins_mid_round_is_not_waited_for() {
+    // The masked inputs would wait 60 s for the node that restarted; the test allows 15.
+    let served = Served::start_from(&config("secure", 3, 2), |c| {
+        c.rounds.total = 1;
+        c.rounds.deadline_secs = 60;
+        c.aggregation.threshold_percent = 51;
+    })
+    .await;
+    let mut clients = Vec::new();
+    let mut sessions = Vec::new();
+    for index in 0..3 {
+        let mut client = served.federation().await;
+        sessions.push(join(&mut client, &format!("node-{index}")).await);
+        clients.push(client);
+    }
+    let mut tasks = Vec::new();
+    for (client, session) in clients.iter_mut().zip(&sessions) {
+        tasks.push(task(client, session).await);
+    }
+
+    // node-2 advertises and shares, then its process "restarts": it joins again.
+    let mut restarted = clients.pop().unwrap();
+    let (session, task) = (sessions.pop().unwrap(), tasks.pop().unwrap());
+    let honest: Vec<_> = clients
+        .into_iter()
+        .zip(sessions)
+        .zip(tasks)
+        .map(|((mut client, session), task)| {
+            tokio::spawn(async move {
+                let mut rng = ChaCha20Rng::try_from_rng(&mut rand::rngs::SysRng).unwrap();
+                secure_round(&mut client, &session, &task, Behaviour::Secure, &mut rng).await;
+            })
+        })
+        .collect();
+    let secure = athanor_node::client::secure_from_wire(task.secure.clone().unwrap()).unwrap();
+    let mut rng = ChaCha20Rng::seed_from_u64(8);
+    let (mut round, advertisement) =
+        ClientRound::new(secure.config.clone(), secure.node, &mut rng).unwrap();
+    send(
+        &mut restarted,
+        &session,
+        &task,
+        pb::sec_agg_send_request::Message::AdvertiseKeys(advertisement.into()),
+    )
+    .await;
+    let pb::sec_agg_receive_response::Outcome::KeyDirectory(directory) =
+        receive(&mut restarted, &session, &task, 1).await
+    else {
+        panic!("expected the key directory");
+    };
+    let shares = round
+        .share_keys(&KeyDirectory::from(directory), &mut rng)
+        .unwrap();
+    send(
+        &mut restarted,
+        &session,
+        &task,
+        pb::sec_agg_send_request::Message::ShareKeys(shares.into()),
+    )
+    .await;
+    let _ = receive(&mut restarted, &session, &task, 2).await;
+    join(&mut restarted, "node-2").await;
+
+    for node in honest {
+        within(node, "the two others complete the round")
+            .await
+            .expect("honest node did not panic");
+    }
+    let store = served.coordinator.store();
+    within(
+        async {
+            while store.next_version() < 2 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+        "the round published without waiting for the restarted node",
+    )
+    .await;
+    let (manifest, _) = store.load(1).expect("version 1");
+    assert_eq!(manifest.contributors, 2);
+    served.stop().await;
+}
+
 /// Plays one node until it has handled [`ROUNDS`] tasks.
 async fn play(mut client: FederationClient<Channel>, name: String, behaviour: Behaviour) {
     let session = join(&mut client, &name).await;

@@ -76,7 +76,7 @@ pub enum Overwrite {
 #[non_exhaustive]
 pub enum WriteError {
     /// The target exists and replacing it was not allowed; it was left untouched.
-    #[error("{} already exists; choose another path or allow replacing it", path.display())]
+    #[error("{} already exists", path.display())]
     Exists {
         /// The target.
         path: PathBuf,

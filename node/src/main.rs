@@ -105,6 +105,8 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
     match run(cli) {
@@ -189,7 +191,9 @@ fn fetch(path: &Path, request: &FetchRequest, insecure: bool) -> Result<()> {
         {
             Ok(fetched) => fetched,
             Err(error @ athanor_node::Error::Write(WriteError::Exists { .. })) => {
-                anyhow::bail!("fetching {wanted}: {error}: pass --force to replace it");
+                anyhow::bail!(
+                    "fetching {wanted}: {error}; choose another --out or pass --force to replace it"
+                );
             }
             Err(error) => {
                 let why = transport::why(tls.as_ref(), &error).await;

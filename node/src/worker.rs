@@ -47,6 +47,9 @@ use rand::RngExt;
 /// still open.
 const LEFT_ROUND_PAUSE: Duration = Duration::from_millis(200);
 
+/// A session lost sooner than this after joining does not reset the reconnection pauses.
+const SHORT_SESSION: Duration = Duration::from_secs(5);
+
 /// First pause after a failed connection attempt.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 
@@ -338,13 +341,25 @@ impl Node {
                 }
                 Err(e) => return Err(e),
             };
-            backoff = FIRST_BACKOFF;
             self.check_model(&session.spec)?;
             info!(federation = %session.federation, "joined");
+            let joined = tokio::time::Instant::now();
 
             match self.work(client, &session).await {
                 Ok(reason) => return Ok(reason),
                 Err(e) if is_transient(&e) => {
+                    // A session the coordinator forgot at once keeps the pauses growing, so two
+                    // processes sharing an identity do not flap at full speed; anything else
+                    // starts them over.
+                    if joined.elapsed() >= SHORT_SESSION || !is_unknown_session(&e) {
+                        backoff = FIRST_BACKOFF;
+                    } else {
+                        warn!(
+                            node = %self.config.node.id,
+                            "the coordinator forgot this node's session right after it joined: \
+                             is another process running as the same node?"
+                        );
+                    }
                     warn!(error = %e, retry_in = ?backoff, "lost the coordinator; rejoining");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(max_backoff);
@@ -688,6 +703,11 @@ fn evaluate(spec: &ModelSpec, params: &[f32], data: &Dataset) -> Result<(f64, f6
         .map_err(|e| Error::Protocol(format!("data shape: {e}")))?;
     let evaluation = model::evaluate(spec, params, x, data.labels())?;
     Ok((evaluation.accuracy, evaluation.loss))
+}
+
+/// Whether the coordinator answered that it does not know the session.
+fn is_unknown_session(error: &Error) -> bool {
+    matches!(error, Error::Rpc { status, .. } if status.code() == Code::Unauthenticated)
 }
 
 /// Whether an error may go away by itself (coordinator restarting, network down, session

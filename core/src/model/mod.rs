@@ -87,6 +87,20 @@ pub struct ModelSpec {
     pub classes: usize,
 }
 
+impl std::fmt::Display for ModelSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.architecture {
+            Architecture::LogisticRegression => f.write_str("logistic regression")?,
+            Architecture::Mlp { hidden } => write!(f, "MLP with {hidden} hidden units")?,
+        }
+        write!(
+            f,
+            " over {} features and {} classes",
+            self.features, self.classes
+        )
+    }
+}
+
 /// Where one named tensor lives inside the flat parameter vector.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorView {
