@@ -413,10 +413,10 @@ pub struct PrivacySection {
     pub noise_multiplier: Option<f64>,
 }
 
-/// `[node_privacy]`: hides whether any one organization took part, by clipping every
-/// node's whole update to L2 norm `update_clip_norm` and adding Gaussian noise of standard
-/// deviation `noise_multiplier * update_clip_norm` to their sum before it is published
-/// (DP-FedAvg, McMahan et al. 2018). The coordinator accounts every published round and
+/// `[node_privacy]`: bounds what the published models reveal about any one organization's
+/// data as a whole, by clipping every node's whole update to L2 norm `update_clip_norm` and
+/// adding Gaussian noise of standard deviation `noise_multiplier * update_clip_norm` to their
+/// sum before it is published (DP-FedAvg, McMahan et al. 2018). The coordinator accounts every published round and
 /// stops publishing when `epsilon` would be exceeded at `delta`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

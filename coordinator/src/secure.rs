@@ -12,6 +12,20 @@
 //! `[node_privacy]` each node's share of discrete Gaussian noise, sized so that any
 //! `min_updates` survivors add noise of standard deviation `z S` between them. The coordinator
 //! adds no noise of its own in this mode.
+//!
+//! # What the accounting covers
+//!
+//! Each round is charged as the Gaussian mechanism with the noise the survivors actually
+//! added, `n sigma_node^2` in quantization units, against the quantized sensitivity
+//! `S / gamma + sqrt(len)`. The neighbouring federations it compares are those in which one
+//! surviving node's update is replaced by any other within the bound (zero included): that
+//! node still takes part and still adds its noise share, so the noise is the same in both.
+//! Whether a node took part is not what this protects: the coordinator sees who survived, and
+//! manifests name the contributors. Had the node not taken part at all, its own noise share
+//! would be missing too, and a Gaussian of smaller variance has unbounded Rényi divergence
+//! at high orders; accounting with `n - 1` survivors would not cover that case either, which
+//! is why the guarantee is stated for replacement. (The plain mode's central noise does not
+//! depend on who took part, so there both notions give the same figure.)
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
