@@ -37,12 +37,16 @@ pub use identity::Identity;
 #[non_exhaustive]
 pub enum Error {
     /// A file could not be read.
-    #[error("{}: {source}", path.display())]
+    ///
+    /// The cause is part of the message rather than a chained source: callers fold these
+    /// errors into their own messages with `{e}`, and a chained source would then be printed
+    /// twice by reporters that walk the chain.
+    #[error("{}: {cause}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A PEM file holds nothing usable of the kind expected.
     #[error("{}: {message}", path.display())]
