@@ -96,6 +96,9 @@ pub struct SecureRound {
     stage: Option<Stage>,
     deadline: Instant,
     waiting_for: BTreeSet<secagg::NodeId>,
+    /// Nodes whose session was replaced after they advertised keys: no later stage waits for
+    /// them, since whatever they held for this round is gone.
+    lost: BTreeSet<secagg::NodeId>,
     directory: Option<KeyDirectory>,
     inboxes: HashMap<secagg::NodeId, ShareInbox>,
     unmask_requests: HashMap<secagg::NodeId, UnmaskRequest>,
@@ -201,6 +204,7 @@ impl SecureRound {
             config: protocol,
             quantizer,
             waiting_for: numbers.values().copied().collect(),
+            lost: BTreeSet::new(),
             numbers,
             names,
             stage: Some(Stage::AdvertiseKeys),
@@ -253,14 +257,17 @@ impl SecureRound {
     }
 
     /// A node's session was replaced (it restarted, or lost its connection): whatever it
-    /// held for this round is gone, so past the key advertisements no stage waits for it.
-    /// While keys are still being advertised its new session may yet take part.
+    /// held for this round is gone, so once it has advertised keys no stage waits for it
+    /// again. Before that, its new session may still take part.
     pub fn forget(&mut self, node: &NodeId) {
-        if self.stage.is_some_and(|s| s > Stage::AdvertiseKeys)
-            && let Some(number) = self.numbers.get(node)
-            && self.waiting_for.remove(number)
-        {
-            info!(%node, stage = ?self.stage, "a node rejoined mid-round; its stage no longer waits for it");
+        let Some(&number) = self.numbers.get(node) else {
+            return;
+        };
+        let advertised =
+            self.stage != Some(Stage::AdvertiseKeys) || !self.waiting_for.contains(&number);
+        if advertised && self.lost.insert(number) {
+            self.waiting_for.remove(&number);
+            info!(%node, stage = ?self.stage, "a node rejoined mid-round; no stage waits for it now");
         }
     }
 
@@ -433,6 +440,9 @@ impl SecureRound {
                 Ok(())
             }
         };
+        for number in &self.lost {
+            self.waiting_for.remove(number);
+        }
         match result {
             Ok(()) => {
                 info!(closed = %stage, waiting_for = self.waiting_for.len(), "stage closed");
