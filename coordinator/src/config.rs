@@ -721,6 +721,23 @@ impl CoordinatorConfig {
     pub fn reference_quantizer(
         &self,
     ) -> Result<athanor_core::secagg::quantize::Quantizer, athanor_core::secagg::SecAggError> {
+        let dimension = self.model_spec().map_or(1, |spec| spec.num_params());
+        let rotation_seed = self.aggregation.rotation.then_some([0; 32]);
+        self.secure_quantizer(self.reference_cohort(), dimension, rotation_seed)
+    }
+
+    /// The finest quantization of updates of `dimension` parameters for a cohort of `cohort`
+    /// nodes, with each node's share of `[node_privacy]` noise sized for `min_updates`
+    /// survivors.
+    ///
+    /// # Errors
+    /// When no quantization step fits the ring.
+    pub fn secure_quantizer(
+        &self,
+        cohort: usize,
+        dimension: usize,
+        rotation_seed: Option<[u8; 32]>,
+    ) -> Result<athanor_core::secagg::quantize::Quantizer, athanor_core::secagg::SecAggError> {
         use athanor_core::secagg::quantize::{DistributedNoise, QuantizationConfig, Quantizer};
         let noise = match &self.node_privacy {
             Some(node) => DistributedNoise::Gaussian {
@@ -729,14 +746,13 @@ impl CoordinatorConfig {
             },
             None => DistributedNoise::InsecureNone,
         };
-        let dimension = self.model_spec().map_or(1, |spec| spec.num_params());
         Quantizer::finest(QuantizationConfig {
             dimension,
             clip_norm: self.secure_clip_norm(),
             granularity: 1.0,
-            rotation_seed: self.aggregation.rotation.then_some([0; 32]),
+            rotation_seed,
             noise,
-            max_contributors: self.reference_cohort(),
+            max_contributors: cohort,
             ring_bits: self.aggregation.ring_bits,
             tail_bits: self.aggregation.tail_bits,
         })

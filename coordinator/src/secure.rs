@@ -33,7 +33,7 @@ use std::time::Duration;
 use athanor_core::secagg::messages::{
     AdvertiseKeys, KeyDirectory, MaskedInput, ShareInbox, ShareKeys, UnmaskRequest, UnmaskResponse,
 };
-use athanor_core::secagg::quantize::{DistributedNoise, QuantizationConfig, Quantizer};
+use athanor_core::secagg::quantize::{QuantizationConfig, Quantizer};
 use athanor_core::secagg::{self, RoundId, SecAggConfig, SecAggError, ServerRound, Stage};
 use rand::{Rng, RngExt};
 use tokio::time::Instant;
@@ -147,24 +147,10 @@ impl SecureRound {
 
         let settings = &config.aggregation;
         let clip_norm = config.secure_clip_norm();
-        let noise = match &config.node_privacy {
-            Some(node) => DistributedNoise::Gaussian {
-                sum_std: node.noise_multiplier * node.update_clip_norm,
-                min_survivors,
-            },
-            None => DistributedNoise::InsecureNone,
-        };
-        let quantizer = Quantizer::finest(QuantizationConfig {
-            dimension,
-            clip_norm,
-            granularity: 1.0,
-            rotation_seed: settings.rotation.then(|| rng.random()),
-            noise,
-            max_contributors: members.len(),
-            ring_bits: settings.ring_bits,
-            tail_bits: settings.tail_bits,
-        })
-        .map_err(|e| format!("no quantization fits the cohort: {e}"))?;
+        let rotation_seed = settings.rotation.then(|| rng.random());
+        let quantizer = config
+            .secure_quantizer(members.len(), dimension, rotation_seed)
+            .map_err(|e| format!("no quantization fits the cohort: {e}"))?;
         let protocol = SecAggConfig {
             round: RoundId(rng.random()),
             cohort: numbers.values().copied().collect(),
