@@ -81,6 +81,8 @@ enum Behaviour {
     Secure,
     /// Advertises keys, then goes silent for the rest of each round.
     SilentAfterKeys,
+    /// Advertises keys and sends its shares, then stops (its process is about to restart).
+    StopAfterShares,
 }
 
 /// Runs a federation of `behaviours.len()` played nodes to its end; returns the variance and
@@ -404,30 +406,13 @@ async fn a_node_that_rejoins_mid_round_is_not_waited_for() {
             })
         })
         .collect();
-    let secure = athanor_node::client::secure_from_wire(task.secure.clone().unwrap()).unwrap();
     let mut rng = ChaCha20Rng::seed_from_u64(8);
-    let (mut round, advertisement) =
-        ClientRound::new(secure.config.clone(), secure.node, &mut rng).unwrap();
-    send(
+    secure_round(
         &mut restarted,
         &session,
         &task,
-        pb::sec_agg_send_request::Message::AdvertiseKeys(advertisement.into()),
-    )
-    .await;
-    let pb::sec_agg_receive_response::Outcome::KeyDirectory(directory) =
-        receive(&mut restarted, &session, &task, 1).await
-    else {
-        panic!("expected the key directory");
-    };
-    let shares = round
-        .share_keys(&KeyDirectory::from(directory), &mut rng)
-        .unwrap();
-    send(
-        &mut restarted,
-        &session,
-        &task,
-        pb::sec_agg_send_request::Message::ShareKeys(shares.into()),
+        Behaviour::StopAfterShares,
+        &mut rng,
     )
     .await;
     // Restarted right after its shares left: whether the share stage has closed yet or not,
@@ -469,7 +454,7 @@ async fn play(mut client: FederationClient<Channel>, name: String, behaviour: Be
                     .await
                     .expect("zero update accepted");
             }
-            Behaviour::Secure | Behaviour::SilentAfterKeys => {
+            Behaviour::Secure | Behaviour::SilentAfterKeys | Behaviour::StopAfterShares => {
                 secure_round(&mut client, &session, &task, behaviour, &mut rng).await;
             }
         }
@@ -520,6 +505,9 @@ async fn secure_round(
         pb::sec_agg_send_request::Message::ShareKeys(shares.into()),
     )
     .await;
+    if behaviour == Behaviour::StopAfterShares {
+        return;
+    }
 
     let pb::sec_agg_receive_response::Outcome::ShareInbox(inbox) =
         receive(client, session, task, 2).await
