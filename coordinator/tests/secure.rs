@@ -18,6 +18,7 @@ mod support;
 
 use std::time::Duration;
 
+use athanor_coordinator::store::ModelStore;
 use athanor_core::secagg::ClientRound;
 use athanor_core::secagg::messages::{KeyDirectory, ShareInbox, UnmaskRequest};
 use athanor_proto::v1::federation_client::FederationClient;
@@ -102,19 +103,7 @@ async fn published_noise(mode: &str, behaviours: &[Behaviour], min_updates: usiz
         node.await.expect("played node did not panic");
     }
     let store = served.coordinator.store();
-    let published = within(
-        async {
-            loop {
-                if store.next_version() > ROUNDS {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        },
-        "every round published",
-    )
-    .await;
-    let () = published;
+    published(&store, ROUNDS, "every round published").await;
 
     let mut differences = Vec::new();
     let mut multipliers = Vec::new();
@@ -357,15 +346,7 @@ async fn messages_that_break_the_protocol_are_refused_and_the_round_still_publis
         node.await.expect("honest node completes the round");
     }
     let store = served.coordinator.store();
-    within(
-        async {
-            while store.next_version() < 2 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        },
-        "the round published",
-    )
-    .await;
+    published(&store, 1, "the round published").await;
     let (manifest, _) = store.load(1).expect("version 1");
     assert_eq!(manifest.contributors, 3);
     served.stop().await;
@@ -425,18 +406,26 @@ async fn a_node_that_rejoins_mid_round_is_not_waited_for() {
             .expect("honest node did not panic");
     }
     let store = served.coordinator.store();
-    within(
-        async {
-            while store.next_version() < 2 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        },
+    published(
+        &store,
+        1,
         "the round published without waiting for the restarted node",
     )
     .await;
     let (manifest, _) = store.load(1).expect("version 1");
     assert_eq!(manifest.contributors, 2);
     served.stop().await;
+}
+
+/// Waits until the store holds `version`, failing the test with `what` after the step
+/// timeout.
+async fn published(store: &ModelStore, version: u64, what: &str) {
+    let wait = async {
+        while store.next_version() <= version {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    within(wait, what).await;
 }
 
 /// Plays one node until it has handled [`ROUNDS`] tasks.
